@@ -1,0 +1,50 @@
+"""The DCE proxy: authenticates, validates, rate-limits and streams between Caddy and vLLM."""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from .access_log import init_access_log
+from .auth import PathKeyMiddleware, authenticate
+from .config import Settings, load_settings
+from .errors import register_error_handlers
+from .limits import init_limits
+from .routes import dce, health, openai
+from .upstream import Upstream
+
+log = logging.getLogger("dce_proxy")
+
+
+def create_app(env: Mapping[str, str] | None = None) -> Flask:
+    settings = load_settings(env)
+    app = Flask(__name__)
+    app.config.update(
+        DCE_SETTINGS=settings,
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        DCE_PUBLIC_ENDPOINTS={"health.healthz", "health.readyz"},
+    )
+    app.extensions["dce_upstream"] = Upstream(settings)
+    # Caddy is the only hop in front of us: trust exactly one X-Forwarded-For entry, the one it wrote.
+    app.wsgi_app = PathKeyMiddleware(ProxyFix(app.wsgi_app, x_for=1, x_proto=0, x_host=0))
+    register_error_handlers(app)
+    init_access_log(app)
+    app.before_request(authenticate)  # before the limiter: limits count per authenticated key
+    limiter = init_limits(app)
+    app.register_blueprint(health.bp)
+    limiter.exempt(health.bp)
+    app.register_blueprint(openai.bp)
+    app.register_blueprint(dce.bp)
+    _announce(settings)
+    return app
+
+
+def _announce(settings: Settings) -> None:
+    if settings.open_mode:
+        log.warning("OPEN MODE: requests without an API key are served (DCE_OPEN_MODE=true); "
+                    "limits apply per client IP. Do not use this for private code.")
+    log.info("dce proxy configured: upstream %s, %d API key(s) [%s]", settings.vllm_url,
+             len(settings.api_keys), ", ".join(key.key_id for key in settings.api_keys))

@@ -1,0 +1,75 @@
+"""Who is calling: API key from a header, Basic credentials or a /k/KEY/ path prefix."""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import current_app, g, request
+
+from .config import ApiKey
+from .errors import unauthorized
+
+PATH_KEY_ENVIRON = "dce.path_key"
+
+
+class PathKeyMiddleware:
+    """Moves a '/k/KEY/...' prefix out of the path, because the DCE extension cannot send headers.
+
+    The key leaves PATH_INFO before Flask sees the request, so routing, logs and
+    error messages only ever see the route behind it.
+    """
+
+    def __init__(self, wsgi_app):
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/k/"):
+            key, _, rest = path[3:].partition("/")
+            environ[PATH_KEY_ENVIRON] = key
+            environ["PATH_INFO"] = "/" + rest
+        return self.wsgi_app(environ, start_response)
+
+
+def presented_key() -> str | None:
+    path_key = request.environ.get(PATH_KEY_ENVIRON)
+    if path_key:
+        return path_key
+    header_key = request.headers.get("X-API-Key")
+    if header_key:
+        return header_key
+    credentials = request.authorization
+    if credentials is None:
+        return None
+    if credentials.type == "bearer":
+        return credentials.token
+    if credentials.type == "basic":
+        return credentials.password
+    return None
+
+
+def find_key(candidate: str | None, keys: tuple[ApiKey, ...]) -> ApiKey | None:
+    if not candidate:
+        return None
+    candidate_bytes = candidate.encode("utf-8", "surrogateescape")
+    match = None
+    # Compare against every key, whatever matches, so timing tells nothing about which key is close.
+    for key in keys:
+        if hmac.compare_digest(candidate_bytes, key.secret):
+            match = key
+    return match
+
+
+def authenticate() -> None:
+    """before_request: sets g.client_id, the identity limits and logs use."""
+    if request.url_rule is None or request.endpoint in current_app.config["DCE_PUBLIC_ENDPOINTS"]:
+        return
+    settings = current_app.config["DCE_SETTINGS"]
+    key = find_key(presented_key(), settings.api_keys)
+    if key is not None:
+        g.client_id = key.key_id
+    elif settings.open_mode:
+        # remote_addr is Caddy's X-Forwarded-For hop (ProxyFix), not whatever the client wrote.
+        g.client_id = f"ip:{request.remote_addr}"
+    else:
+        raise unauthorized()

@@ -1,0 +1,178 @@
+"""Settings, read once from the environment and validated before the app serves anything."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from dotenv import load_dotenv
+from limits import parse_many
+
+MIN_KEY_LENGTH = 16
+
+
+class ConfigError(ValueError):
+    """The environment describes a proxy that must not start."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key_id: str  # what logs and limits use; never the key itself
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class Settings:
+    vllm_url: str = "http://vllm:8000"
+    api_keys: tuple[ApiKey, ...] = ()
+    open_mode: bool = False
+    model_aliases: Mapping[str, str] = field(default_factory=dict)
+    rate_limit: str = "600/minute"
+    max_concurrent: int = 20
+    max_n: int = 16
+    default_n: int = 10
+    default_max_tokens: int = 4096
+    max_body_bytes: int = 50 * 1024 * 1024
+    first_byte_timeout: float = 300.0
+    connect_timeout: float = 5.0
+    ratelimit_storage_uri: str = "memory://"
+    workers: int = 1
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    if env is None:
+        load_dotenv()
+        env = os.environ
+    reader = _Reader(env)
+    keys = _parse_keys(env.get("DCE_API_KEYS", "").split(","), "DCE_API_KEYS")
+    keys_file = env.get("DCE_API_KEYS_FILE", "").strip()
+    if keys_file:
+        keys += _read_keys_file(keys_file)
+    settings = Settings(
+        vllm_url=env.get("VLLM_URL", Settings.vllm_url).rstrip("/"),
+        api_keys=tuple(keys),
+        open_mode=reader.boolean("DCE_OPEN_MODE", False),
+        model_aliases=_parse_aliases(env.get("DCE_MODEL_ALIASES", "")),
+        rate_limit=reader.rate_limit("DCE_RATE_LIMIT", Settings.rate_limit),
+        max_concurrent=reader.integer("DCE_MAX_CONCURRENT", Settings.max_concurrent, 1, 100_000),
+        max_n=reader.integer("DCE_MAX_N", Settings.max_n, 1, 1024),
+        default_n=reader.integer("DCE_DEFAULT_N", Settings.default_n, 1, 1024),
+        default_max_tokens=reader.integer("DCE_DEFAULT_MAX_TOKENS", Settings.default_max_tokens, 1, 10_000_000),
+        max_body_bytes=reader.integer("DCE_MAX_BODY_MB", 50, 1, 10_000) * 1024 * 1024,
+        first_byte_timeout=reader.number("DCE_FIRST_BYTE_TIMEOUT", Settings.first_byte_timeout),
+        connect_timeout=reader.number("DCE_CONNECT_TIMEOUT", Settings.connect_timeout),
+        ratelimit_storage_uri=env.get("DCE_RATELIMIT_STORAGE_URI", Settings.ratelimit_storage_uri),
+        workers=reader.integer("DCE_PROXY_WORKERS", Settings.workers, 1, 64),
+    )
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    if not settings.vllm_url.startswith(("http://", "https://")):
+        raise ConfigError(f"VLLM_URL must start with http:// or https://, got {settings.vllm_url!r}")
+    if not settings.api_keys and not settings.open_mode:
+        raise ConfigError(
+            "no API key configured: set DCE_API_KEYS or DCE_API_KEYS_FILE, "
+            "or DCE_OPEN_MODE=true for a public demo without keys"
+        )
+    if settings.default_n > settings.max_n:
+        raise ConfigError(f"DCE_DEFAULT_N ({settings.default_n}) is above DCE_MAX_N ({settings.max_n})")
+    if settings.workers > 1 and settings.ratelimit_storage_uri.startswith("memory://"):
+        # Each worker would count on its own: limits would silently multiply by the worker count.
+        raise ConfigError(
+            "DCE_PROXY_WORKERS > 1 needs a shared DCE_RATELIMIT_STORAGE_URI (e.g. redis://...); "
+            "with memory:// the limits would hold per worker, not for the service"
+        )
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(name, "").strip()
+        return value or None
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._raw(name)
+        if value is None:
+            return default
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
+        return number
+
+    def number(self, name: str, default: float) -> float:
+        value = self._raw(name)
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+        if not 0 < number < 1e6:
+            raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        return number
+
+    def rate_limit(self, name: str, default: str) -> str:
+        value = self._raw(name) or default
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ConfigError(f"{name} must look like '600/minute', got {value!r}") from None
+        return value
+
+
+def _parse_keys(entries: Iterable[str], source: str) -> list[ApiKey]:
+    keys = []
+    for entry in entries:
+        entry = entry.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name, sep, secret = entry.partition(":")
+        if not sep:
+            name, secret = "", entry
+        if len(secret) < MIN_KEY_LENGTH:
+            # Never echo the key: only say which entry is too short.
+            label = f"key {name!r}" if name else f"entry {len(keys) + 1}"
+            raise ConfigError(f"{source}: {label} is shorter than {MIN_KEY_LENGTH} characters")
+        key_id = name or "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
+        keys.append(ApiKey(key_id=key_id, secret=secret.encode()))
+    return keys
+
+
+def _read_keys_file(path: str) -> list[ApiKey]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"DCE_API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
+    return _parse_keys(text.splitlines(), "DCE_API_KEYS_FILE")
+
+
+def _parse_aliases(text: str) -> dict[str, str]:
+    aliases = {}
+    for entry in text.split(","):
+        if not entry.strip():
+            continue
+        alias, sep, target = entry.partition("=")
+        if not sep or not alias.strip() or not target.strip():
+            raise ConfigError(f"DCE_MODEL_ALIASES entries look like alias=served-model, got {entry.strip()!r}")
+        aliases[alias.strip()] = target.strip()
+    return aliases

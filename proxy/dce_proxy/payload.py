@@ -1,0 +1,123 @@
+"""Reading and checking request bodies, and fitting them to what vLLM serves."""
+
+from __future__ import annotations
+
+import json
+import math
+from numbers import Real
+from typing import Any
+
+from flask import current_app, request
+
+from .errors import ApiError, bad_request, invalid
+from .upstream import ModelInfo
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_object() -> dict:
+    """The request body as a JSON object, or a 400/413/415 saying what is wrong with it."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, "Send the body as JSON with 'Content-Type: application/json'.",
+                       "invalid_request_error", "unsupported_media_type")
+    raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        # The decoder's message names a position, never the content.
+        message = str(exc) if isinstance(exc, json.JSONDecodeError) else "the body is not valid UTF-8 JSON"
+        raise bad_request(f"Malformed JSON: {message}.") from None
+    if not isinstance(body, dict):
+        raise bad_request("The JSON body must be an object.")
+    return body
+
+
+def integer(body: dict, name: str, *, low: int, high: int | None = None, default: int | None = None) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(name, f"'{name}' must be an integer.")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise invalid(name, f"'{name}' must be {bound}, got {value}.")
+    return value
+
+
+def number(body: dict, name: str, *, low: float, high: float, low_inclusive: bool = True) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise invalid(name, f"'{name}' must be a number.")
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or value > high:
+        raise invalid(name, f"'{name}' must be between {low} and {high}, got {value}.")
+    return float(value)
+
+
+def boolean(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise invalid(name, f"'{name}' must be true or false.")
+    return value
+
+
+def string(body: dict, name: str, *, required: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value):
+        raise invalid(name, f"'{name}' must be a non-empty string." if required else f"'{name}' must be a string.")
+    return value
+
+
+def stop_sequences(body: dict) -> str | list[str] | None:
+    value = body.get("stop")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise invalid("stop", "'stop' must be a string or a list of strings.")
+
+
+def check_messages(body: dict) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "'messages' must be a non-empty list of {role, content} objects.")
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise invalid("messages", "Each message must be an object with a string 'role'.")
+
+
+def check_prompt(body: dict) -> None:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt):
+        return
+    raise invalid("prompt", "'prompt' must be a string or a non-empty list.")
+
+
+def fit_to_model(body: dict, models: ModelInfo) -> dict:
+    """Maps any requested model name to a served one and lowers token budgets to the model's context.
+
+    Clients like the DCE extension ask for "local-model" and 16384 tokens whatever is served;
+    vLLM would answer 404 and 400 to those.
+    """
+    settings = current_app.config["DCE_SETTINGS"]
+    requested = body.get("model")
+    if requested is not None and not isinstance(requested, str):
+        raise invalid("model", "'model' must be a string.")
+    model = settings.model_aliases.get(requested or "", requested)
+    if model not in models.served:
+        model = models.default
+    body["model"] = model
+    integer(body, "n", low=1, high=settings.max_n)
+    boolean(body, "stream")
+    limit = models.max_model_len.get(model)
+    for name in ("max_tokens", "max_completion_tokens"):
+        requested_tokens = integer(body, name, low=1)
+        if limit and requested_tokens and requested_tokens > limit:
+            body[name] = limit
+    return body

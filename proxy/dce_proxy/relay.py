@@ -1,0 +1,150 @@
+"""Turning vLLM's answer into the client's: JSON bodies, raw SSE pass-through, or SSE rewritten per event."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Iterator
+
+import requests
+from flask import Response, current_app, request
+
+from .errors import ApiError, upstream_garbage, upstream_unavailable
+from .payload import fit_to_model
+from .sse import DONE, data_event, event_data, split_events
+from .upstream import UpstreamStreamError, iter_body
+
+# Per-event rewrite: takes the decoded event, returns the bytes to send (b"" to send nothing).
+EventRewriter = Callable[[dict], bytes]
+# Builds the event that tells the client its stream failed.
+ErrorEvent = Callable[[ApiError], bytes]
+
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def stats() -> dict:
+    """Token counts of this request, for the access log (filled in as the answer goes out)."""
+    return request.environ.setdefault("dce.stats", {})
+
+
+def upstream_error_response(upstream: requests.Response) -> Response:
+    """vLLM's own error, passed through with its status when it is the JSON error we expect."""
+    try:
+        body = upstream.content
+    except requests.RequestException:
+        body = b""
+    finally:
+        upstream.close()
+    try:
+        parsed = json.loads(body)
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return Response(body, status=upstream.status_code, mimetype="application/json")
+    except ValueError:
+        pass
+    raise upstream_garbage(f"vLLM answered HTTP {upstream.status_code} without a JSON error.")
+
+
+def read_json(upstream: requests.Response) -> dict:
+    try:
+        body = upstream.content
+    except requests.RequestException:
+        raise upstream_unavailable("vLLM closed the connection before answering.") from None
+    finally:
+        upstream.close()
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        raise upstream_garbage("vLLM's answer is not valid JSON.") from None
+    if not isinstance(parsed, dict):
+        raise upstream_garbage("vLLM's answer is not a JSON object.")
+    usage = parsed.get("usage")
+    if isinstance(usage, dict):
+        stats().update(prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"))
+    return parsed
+
+
+def json_body_response(body: dict, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, mimetype="application/json")
+
+
+def _require_event_stream(upstream: requests.Response) -> None:
+    if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+        upstream.close()
+        raise upstream_garbage("vLLM answered a streaming request without an event stream.")
+
+
+def _stream_response(upstream: requests.Response, body: Iterator[bytes]) -> Response:
+    response = Response(body, mimetype="text/event-stream", headers=_STREAM_HEADERS)
+    # Closing the upstream socket is what makes vLLM abort the generation and free the GPU.
+    response.call_on_close(upstream.close)
+    return response
+
+
+def passthrough_stream(upstream: requests.Response, error_event: ErrorEvent) -> Response:
+    """Bytes go out exactly as vLLM sent them, each chunk as soon as it arrives."""
+    _require_event_stream(upstream)
+
+    def body() -> Iterator[bytes]:
+        tail = b""
+        try:
+            for chunk in iter_body(upstream):
+                tail = (tail + chunk)[-len(DONE) - 4:]
+                yield chunk
+        except UpstreamStreamError as exc:
+            yield error_event(exc.error) + DONE
+            return
+        if DONE.strip() not in tail:
+            yield error_event(upstream_unavailable("vLLM ended the stream before it was complete.")) + DONE
+
+    return _stream_response(upstream, body())
+
+
+def rewritten_stream(upstream: requests.Response, rewrite: EventRewriter, error_event: ErrorEvent) -> Response:
+    """Each upstream event is decoded, rewritten and sent on its own, as soon as it is complete."""
+    _require_event_stream(upstream)
+
+    def body() -> Iterator[bytes]:
+        try:
+            for event in split_events(iter_body(upstream)):
+                data = event_data(event)
+                if data is None:
+                    continue
+                if data.strip() == b"[DONE]":
+                    yield DONE
+                    return
+                try:
+                    payload = json.loads(data)
+                except ValueError:
+                    payload = None
+                if not isinstance(payload, dict):
+                    yield error_event(upstream_garbage("vLLM sent an event that is not a JSON object.")) + DONE
+                    return
+                if "error" in payload:
+                    yield data_event(payload) + DONE
+                    return
+                out = rewrite(payload)
+                if out:
+                    yield out
+        except UpstreamStreamError as exc:
+            yield error_event(exc.error) + DONE
+            return
+        yield error_event(upstream_unavailable("vLLM ended the stream before it was complete.")) + DONE
+
+    return _stream_response(upstream, body())
+
+
+def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: EventRewriter | None = None,
+            rewrite_json: Callable[[dict], dict] | None = None) -> Response:
+    """Sends a checked body to vLLM (model and token budget fitted) and relays the answer."""
+    upstream = current_app.extensions["dce_upstream"]
+    fit_to_model(body, upstream.models())
+    answer = upstream.request("POST", path, body=json.dumps(body).encode(), stream=True)
+    if answer.status_code >= 400:
+        if answer.status_code == 404:
+            upstream.forget_models()  # the served model may have changed under us
+        return upstream_error_response(answer)
+    if body.get("stream"):
+        if rewrite_event is None:
+            return passthrough_stream(answer, error_event)
+        return rewritten_stream(answer, rewrite_event, error_event)
+    parsed = read_json(answer)
+    return json_body_response(rewrite_json(parsed) if rewrite_json else parsed)

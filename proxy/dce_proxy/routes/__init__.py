@@ -1,0 +1,1 @@
+"""HTTP routes, one blueprint per audience: health probes, OpenAI clients, the DCE extension."""

@@ -1,0 +1,133 @@
+"""The DCE's own routes: what the released extension sends, and the n-answers generate contract."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app
+
+from ..errors import ApiError, upstream_garbage
+from ..limits import holds_generation_slot
+from ..payload import (boolean, check_messages, integer, json_object, number, stop_sequences, string)
+from ..relay import forward, stats
+from ..sse import data_event
+
+bp = Blueprint("dce", __name__, url_prefix="/api/dce")
+
+_SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+# -- /api/dce/proxy: the extension v1.2.0, unchanged ------------------------------------------------
+
+def _mirror_reasoning(part: object) -> None:
+    """vLLM now says `reasoning`; the extension reads `reasoning_content`. Give it both."""
+    if not isinstance(part, dict):
+        return
+    if part.get("reasoning") is not None and part.get("reasoning_content") is None:
+        part["reasoning_content"] = part["reasoning"]
+    elif part.get("reasoning_content") is not None and part.get("reasoning") is None:
+        part["reasoning"] = part["reasoning_content"]
+
+
+def _choices(payload: dict) -> list:
+    choices = payload.get("choices")
+    if not isinstance(choices, list):
+        return []
+    return [choice for choice in choices if isinstance(choice, dict) and isinstance(choice.get("index", 0), int)]
+
+
+def extension_error_event(error: ApiError) -> bytes:
+    # The extension only reads choices[0]: put the message where it shows, and end the tab.
+    return data_event({**error.body(), "choices": [{
+        "index": 0, "delta": {"content": f"\n\n[DCE proxy error: {error.message}]"}, "finish_reason": "error"}]})
+
+
+@bp.post("/proxy")
+@holds_generation_slot
+def extension_proxy():
+    body = json_object()
+    check_messages(body)
+    counts = stats()
+    counts["completion_tokens"] = 0
+
+    def rewrite_event(payload: dict) -> bytes:
+        for choice in _choices(payload):
+            _mirror_reasoning(choice.get("delta"))
+            counts["completion_tokens"] += 1
+        return data_event(payload)
+
+    def rewrite_json(payload: dict) -> dict:
+        for choice in _choices(payload):
+            _mirror_reasoning(choice.get("message"))
+        return payload
+
+    return forward("/v1/chat/completions", body, error_event=extension_error_event,
+                   rewrite_event=rewrite_event, rewrite_json=rewrite_json)
+
+
+# -- /api/dce/generate: one prompt, n answers ----------------------------------------------------
+
+def generate_error_event(error: ApiError) -> bytes:
+    return data_event({"type": "error", **error.body()})
+
+
+def _upstream_body(body: dict) -> tuple[str, dict]:
+    settings = current_app.config["DCE_SETTINGS"]
+    prompt = string(body, "prompt", required=True)
+    chat = boolean(body, "chat")
+    upstream = {
+        "model": string(body, "model"),
+        "n": integer(body, "n", low=1, high=settings.max_n, default=settings.default_n),
+        "max_tokens": integer(body, "max_tokens", low=1, default=settings.default_max_tokens),
+        "temperature": number(body, "temperature", low=0, high=2),
+        "top_p": number(body, "top_p", low=0, high=1, low_inclusive=False),
+        "seed": integer(body, "seed", low=_SEED_RANGE[0], high=_SEED_RANGE[1]),
+        "stop": stop_sequences(body),
+        "stream": boolean(body, "stream"),
+    }
+    upstream = {name: value for name, value in upstream.items() if value is not None}
+    if chat:
+        upstream["messages"] = [{"role": "user", "content": prompt}]
+        return "/v1/chat/completions", upstream
+    upstream["prompt"] = prompt
+    return "/v1/completions", upstream
+
+
+def _choice_text(choice: dict) -> str | None:
+    """Text of a completion choice, a chat message or a chat delta."""
+    if "text" in choice:
+        return choice["text"]
+    part = choice.get("message") or choice.get("delta") or {}
+    return part.get("content") if isinstance(part, dict) else None
+
+
+@bp.post("/generate")
+@holds_generation_slot
+def generate():
+    path, upstream_body = _upstream_body(json_object())
+    counts = stats()
+    counts["completion_tokens"] = 0
+
+    def rewrite_event(payload: dict) -> bytes:
+        out = b""
+        for choice in _choices(payload):
+            index = choice.get("index", 0)
+            text = _choice_text(choice)
+            if text:
+                counts["completion_tokens"] += 1
+                out += data_event({"type": "delta", "index": index, "text": text})
+            if choice.get("finish_reason") is not None:
+                out += data_event({"type": "finish", "index": index, "finish_reason": choice["finish_reason"]})
+        return out
+
+    def rewrite_json(payload: dict) -> dict:
+        choices = sorted(_choices(payload), key=lambda choice: choice.get("index", 0))
+        if len(choices) != upstream_body["n"]:
+            raise upstream_garbage(f"vLLM returned {len(choices)} answers instead of {upstream_body['n']}.")
+        return {
+            "responses": [_choice_text(choice) or "" for choice in choices],
+            "finish_reasons": [choice.get("finish_reason") for choice in choices],
+            "usage": payload.get("usage", {}),
+            "model": payload.get("model", upstream_body.get("model")),
+        }
+
+    return forward(path, upstream_body, error_event=generate_error_event,
+                   rewrite_event=rewrite_event, rewrite_json=rewrite_json)

@@ -1,0 +1,22 @@
+"""gunicorn for long token streams: gevent holds thousands of open streams in one process,
+where thread workers hold only workers x threads and queue the rest."""
+
+import os
+
+bind = os.environ.get("DCE_PROXY_BIND", "0.0.0.0:8000")
+worker_class = "gevent"
+# One worker by default: the in-memory limits then hold for the whole service (see config.py).
+workers = int(os.environ.get("DCE_PROXY_WORKERS", "1"))
+worker_connections = int(os.environ.get("DCE_PROXY_WORKER_CONNECTIONS", "4096"))
+# With gevent this is only the worker's heartbeat: a long generation is never cut by it.
+timeout = 60
+# On SIGTERM, running streams get this long to finish (compose's stop_grace_period matches it).
+graceful_timeout = int(os.environ.get("DCE_PROXY_GRACEFUL_TIMEOUT", "600"))
+keepalive = 75
+# The app writes its own JSON access log, which never holds a /k/KEY path.
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("DCE_LOG_LEVEL", "info")
+wsgi_app = "dce_proxy:create_app()"
+# No runtime control socket: nothing uses it, and the container's root filesystem is read-only.
+control_socket_disable = True
