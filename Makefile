@@ -1,0 +1,47 @@
+# DCE inference stack. `make help` lists the targets.
+SHELL := /bin/bash
+export COMPOSE_BAKE := false
+# testcontainers' reaper image would have to be pulled; the suite removes its own stack.
+export TESTCONTAINERS_RYUK_DISABLED := true
+
+VENV := .venv
+PYTEST := $(VENV)/bin/python -m pytest
+
+.DEFAULT_GOAL := help
+.PHONY: help up down logs ps restart-proxy images test test-unit test-integration
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+
+up: ## Start the stack (checks prerequisites; CPU profile when there is no NVIDIA GPU)
+	@scripts/up.sh
+
+down: ## Stop the stack (certificates and the model cache are kept)
+	docker compose down
+
+logs: ## Follow the logs of all services
+	docker compose logs -f --tail 100
+
+ps: ## Show the services and their health
+	docker compose ps
+
+restart-proxy: ## Re-read API keys and settings (restarts the proxy only)
+	docker compose restart proxy
+
+images: ## Build every image locally, without a registry
+	scripts/build-images.sh
+
+test: test-unit test-integration ## Run all tests (sets up Docker and builds images first)
+
+test-unit: $(VENV)/.installed ## Fast proxy tests, no Docker
+	$(PYTEST) tests/unit
+
+test-integration: $(VENV)/.installed ## The composed stack with the real vLLM engine, over HTTPS
+	scripts/ensure-docker.sh
+	scripts/build-images.sh
+	$(PYTEST) tests/integration
+
+$(VENV)/.installed: tests/requirements.txt proxy/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	touch $@

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# `make up`: check what the stack needs, say exactly what is missing, then start it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export COMPOSE_BAKE=false
+
+say() { printf 'make up: %s\n' "$*"; }
+
+scripts/ensure-docker.sh >/dev/null
+
+if [[ ! -f .env ]]; then
+  cp .env.example .env
+  say "created .env from .env.example (edit it to choose the domain and the model)"
+fi
+# Only the variables this script needs; compose reads .env itself.
+env_value() { sed -n "s/^$1=//p" .env | tail -n 1; }
+keys_file=$(env_value DCE_API_KEYS_SECRET); keys_file=${keys_file:-./secrets/dce_api_keys}
+token_file=$(env_value HF_TOKEN_SECRET); token_file=${token_file:-./secrets/hf_token}
+
+if [[ ! -s $keys_file ]]; then
+  mkdir -p -m 0700 "$(dirname "$keys_file")"
+  # Readable by the proxy's unprivileged user through the bind mount; the folder keeps others out.
+  (umask 022; printf 'dce:%s\n' "$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')" > "$keys_file")
+  say "created an API key in $keys_file: $(cut -d: -f2- "$keys_file")"
+fi
+[[ -f $token_file ]] || { mkdir -p -m 0700 "$(dirname "$token_file")"; (umask 022; : > "$token_file"); }
+
+files=(-f compose.yaml)
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  if ! docker info --format '{{json .Runtimes}}' | grep -q nvidia; then
+    say "an NVIDIA GPU is present but Docker cannot use it: install the NVIDIA Container Toolkit"
+    say "(https://docs.nvidia.com/datacenter/cloud-native/container-toolkit/latest/install-guide.html), then: sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker"
+    exit 1
+  fi
+  say "NVIDIA GPU found: vLLM runs $(env_value VLLM_MODEL) on it"
+else
+  files+=(-f compose.cpu.yaml)
+  say "no NVIDIA GPU found: starting the CPU profile (compose.cpu.yaml, a small model on the CPU)"
+fi
+
+# Hosts that reach no registry (air-gapped, or this CI kind) run the locally built equivalents.
+caddy_image=$(env_value CADDY_IMAGE); caddy_image=${caddy_image:-caddy:2.11.7}
+build=(--build)
+if ! docker image inspect "$caddy_image" >/dev/null 2>&1 && ! docker pull -q "$caddy_image" >/dev/null 2>&1; then
+  say "cannot pull $caddy_image: using locally built images (scripts/build-images.sh)"
+  scripts/build-images.sh
+  export CADDY_IMAGE=dce-caddy:2.11.7 PROXY_IMAGE=dce-proxy:local
+  build=()
+fi
+if [[ " ${files[*]} " == *" compose.cpu.yaml "* ]]; then
+  cpu_image=$(env_value VLLM_CPU_IMAGE); cpu_image=${cpu_image:-dce-vllm-cpu:0.32.0-tiny}
+  docker image inspect "$cpu_image" >/dev/null 2>&1 || scripts/build-images.sh vllm
+fi
+
+# pip inside the proxy build may pass a TLS-inspecting proxy; its CA is a build input, never in the image.
+EXTRA_CA_CERTS=${EXTRA_CA_CERTS:-$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null || true)}
+export EXTRA_CA_CERTS
+
+say "starting (the first start downloads the model: this can take a while)"
+docker compose "${files[@]}" up -d "${build[@]}" --wait --wait-timeout "${DCE_UP_TIMEOUT:-3600}"
+
+port=$(env_value DCE_HTTPS_PORT); port=${port:-443}
+domain=$(env_value DCE_DOMAIN); domain=${domain:-localhost}
+url="https://$domain"; [[ $port == 443 ]] || url+=":$port"
+say "ready: $url (key in $keys_file; see README for pointing the DCE at it)"

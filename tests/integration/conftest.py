@@ -1,0 +1,144 @@
+"""The real stack, once per session: Caddy, the proxy image and the vLLM CPU engine, composed
+from the production compose.yaml plus the CPU profile and the test override.
+
+Images come from `make images` (scripts/build-images.sh); nothing is pulled. If Docker is not
+usable the fixtures fail: these tests never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import pytest
+import requests
+from testcontainers.compose import DockerCompose
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = "dce-test"
+COMPOSE_FILES = ["compose.yaml", "compose.cpu.yaml", "compose.test.yaml"]
+CADDY_ROOT_CA = "/data/caddy/pki/authorities/local/root.crt"
+
+
+@dataclass
+class Stack:
+    compose: DockerCompose
+    https_port: int
+    http_port: int
+    ca_file: str
+    key: str
+    other_key: str
+
+    @property
+    def base(self) -> str:
+        # localhost, not an IP: Caddy needs SNI to pick the certificate.
+        return f"https://localhost:{self.https_port}"
+
+    def session(self) -> requests.Session:
+        session = requests.Session()
+        session.verify = self.ca_file
+        return session
+
+    def container(self, service: str):
+        return docker.from_env().containers.get(self.compose.get_container(service).ID)
+
+    def exec_python(self, service: str, code: str) -> tuple[int, str]:
+        """Runs Python inside a service's container (on its networks, not the host's)."""
+        result = self.container(service).exec_run(["python3", "-c", code])
+        return result.exit_code, result.output.decode(errors="replace")
+
+    def vllm_metric(self, name: str) -> float:
+        """Reads one vLLM metric from inside the backend network (vLLM publishes no port)."""
+        code, out = self.exec_python(
+            "proxy", "import urllib.request; print(urllib.request.urlopen('http://vllm:8000/metrics').read().decode())")
+        assert code == 0, out
+        values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", out, re.M)]
+        assert values, f"{name} not in vLLM's /metrics"
+        return sum(values)
+
+
+def _write_env(tmp: Path, key: str, other_key: str) -> Path:
+    keys = tmp / "dce_api_keys"
+    keys.write_text(f"curator:{key}\nother:{other_key}\n")
+    token = tmp / "hf_token"
+    token.write_text("")
+    for path in (keys, token):
+        path.chmod(0o644)  # the proxy reads it as an unprivileged user through the bind mount
+    env = tmp / "test.env"
+    env.write_text("\n".join([
+        "DCE_DOMAIN=localhost",
+        "CADDY_IMAGE=dce-caddy:2.11.7",
+        "PROXY_IMAGE=dce-proxy:local",
+        "VLLM_CPU_IMAGE=dce-vllm-cpu:0.32.0-tiny",
+        f"DCE_API_KEYS_SECRET={keys}",
+        f"HF_TOKEN_SECRET={token}",
+        # The suite's own concurrency tests need headroom above a DCE batch.
+        "DCE_MAX_CONCURRENT=40",
+        "DCE_RATE_LIMIT=100000/minute",
+    ]) + "\n")
+    return env
+
+
+def _fetch_root_ca(stack: Stack, dest: Path) -> None:
+    # Caddy creates its internal CA on first start; wait for it rather than trusting anything.
+    deadline = time.monotonic() + 60
+    while True:
+        result = stack.container("caddy").exec_run(["cat", CADDY_ROOT_CA])
+        if result.exit_code == 0 and b"BEGIN CERTIFICATE" in result.output:
+            dest.write_bytes(result.output)
+            return
+        assert time.monotonic() < deadline, f"Caddy never wrote {CADDY_ROOT_CA}"
+        time.sleep(1)
+
+
+def _wait_ready(stack: Stack) -> None:
+    deadline = time.monotonic() + 120
+    last = None
+    with stack.session() as session:
+        while time.monotonic() < deadline:
+            try:
+                last = session.get(f"{stack.base}/readyz", timeout=5)
+                if last.status_code == 200:
+                    return
+            except requests.RequestException as exc:
+                last = exc
+            time.sleep(1)
+    raise AssertionError(f"stack not ready through Caddy: {last}")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    os.environ["COMPOSE_PROJECT_NAME"] = PROJECT
+    os.environ["COMPOSE_BAKE"] = "false"
+    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+    tmp = tmp_path_factory.mktemp("stack")
+    key, other_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    compose = DockerCompose(REPO, compose_file_name=COMPOSE_FILES, env_file=str(_write_env(tmp, key, other_key)),
+                            build=False, pull=False, wait=True)
+    compose.stop()  # a previous run that was killed may have left the project behind
+    try:
+        compose.start()
+        caddy = compose.get_container("caddy")
+        stack = Stack(compose=compose, https_port=int(caddy.get_publisher(by_port=443, by_host="127.0.0.1").PublishedPort),
+                      http_port=int(caddy.get_publisher(by_port=80, by_host="127.0.0.1").PublishedPort),
+                      ca_file=str(tmp / "caddy-root.crt"), key=key, other_key=other_key)
+        _fetch_root_ca(stack, Path(stack.ca_file))
+        _wait_ready(stack)
+    except Exception:
+        stdout, stderr = compose.get_logs()
+        print(f"--- stack logs ---\n{stdout[-20000:]}\n{stderr[-5000:]}")
+        compose.stop()
+        raise
+    yield stack
+    compose.stop()
+
+
+@pytest.fixture()
+def session(stack: Stack):
+    with stack.session() as session:
+        yield session

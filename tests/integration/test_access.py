@@ -1,0 +1,101 @@
+"""Who gets in, and what is reachable from outside: auth forms, TLS redirect, network isolation."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+import requests
+
+PROMPT_MARKER = "PROMPT-MARKER-7f3a"
+
+
+def _models(stack, session, path="/v1/models", **headers):
+    return session.get(f"{stack.base}{path}", headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize("form", ["bearer", "x-api-key", "path", "basic"])
+def test_each_key_form_is_accepted(stack, session, form):
+    key = stack.key
+    if form == "bearer":
+        response = _models(stack, session, Authorization=f"Bearer {key}")
+    elif form == "x-api-key":
+        response = _models(stack, session, **{"X-API-Key": key})
+    elif form == "path":
+        response = _models(stack, session, path=f"/k/{key}/v1/models")
+    else:
+        # What node-fetch 2 sends for https://dce:KEY@HOST/...
+        token = base64.b64encode(f"dce:{key}".encode()).decode()
+        response = _models(stack, session, Authorization=f"Basic {token}")
+    assert response.status_code == 200, response.text
+    assert response.json()["data"][0]["id"] == "tiny"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-0123456789abcdef"}])
+def test_missing_or_wrong_key_is_refused(stack, session, headers):
+    response = _models(stack, session, **headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_wrong_key_in_path_is_refused(stack, session):
+    assert _models(stack, session, path="/k/not-the-key-0123456789/v1/models").status_code == 401
+
+
+def test_http_redirects_to_https(stack):
+    response = requests.get(f"http://localhost:{stack.http_port}/v1/models", allow_redirects=False, timeout=10)
+    assert response.status_code in (301, 308)
+    assert response.headers["Location"].startswith("https://localhost")
+
+
+def test_security_headers(stack, session):
+    response = _models(stack, session, Authorization=f"Bearer {stack.key}")
+    assert "max-age" in response.headers["Strict-Transport-Security"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/tokenize", "/health", "/version", "/v1/load_lora_adapter"])
+def test_vllm_own_endpoints_are_not_reachable_through_caddy(stack, session, path):
+    response = session.get(f"{stack.base}/k/{stack.key}{path}", timeout=10)
+    assert response.status_code in (404, 405)
+    assert "error" in response.json()
+
+
+def test_only_caddy_publishes_ports(stack):
+    for service in ("caddy", "proxy", "vllm"):
+        ports = stack.container(service).attrs["HostConfig"]["PortBindings"] or {}
+        if service == "caddy":
+            assert set(ports) == {"80/tcp", "443/tcp"}
+        else:
+            assert ports == {}, f"{service} publishes {ports}"
+
+
+def test_vllm_is_only_on_the_backend_network(stack):
+    networks = set(stack.container("vllm").attrs["NetworkSettings"]["Networks"])
+    assert networks == {"dce-test_backend"}
+    assert "dce-test_backend" not in stack.container("caddy").attrs["NetworkSettings"]["Networks"]
+
+
+def test_proxy_reaches_vllm_but_caddy_cannot_even_resolve_it(stack):
+    code, out = stack.exec_python("proxy", "import urllib.request; print(urllib.request.urlopen('http://vllm:8000/health').status)")
+    assert code == 0 and out.strip() == "200", out
+    result = stack.container("caddy").exec_run(["wget", "-q", "-T", "3", "-O", "-", "http://vllm:8000/health"])
+    assert result.exit_code != 0
+    assert b"bad address" in result.output, result.output
+
+
+def test_logs_hold_no_key_and_no_prompt(stack, session):
+    path_response = session.post(f"{stack.base}/k/{stack.key}/api/dce/generate",
+                                 json={"prompt": PROMPT_MARKER, "n": 1, "max_tokens": 8}, timeout=60)
+    header_response = session.post(f"{stack.base}/v1/completions", headers={"Authorization": f"Bearer {stack.other_key}"},
+                                   json={"prompt": PROMPT_MARKER, "max_tokens": 8}, timeout=60)
+    assert path_response.status_code == header_response.status_code == 200
+    answer = path_response.json()["responses"][0]
+    logs = {service: stack.container(service).logs().decode(errors="replace") for service in ("caddy", "proxy")}
+    assert "/k/REDACTED" in logs["caddy"]  # the request was logged, with its key cut out
+    for service, text in logs.items():
+        assert stack.key not in text, f"API key in {service} logs"
+        assert stack.other_key not in text, f"API key in {service} logs"
+        assert PROMPT_MARKER not in text, f"prompt in {service} logs"
+        if len(answer) >= 8:
+            assert answer not in text, f"answer in {service} logs"

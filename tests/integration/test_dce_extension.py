@@ -1,0 +1,96 @@
+"""The DCE extension's real traffic against the real engine, through Caddy over HTTPS."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from dce_client import extension_body, post_like_extension
+
+BATCH = 10  # the extension fires this many requests at once
+
+
+def test_ten_concurrent_extension_streams_complete(stack):
+    url = f"{stack.base}/k/{stack.key}/api/dce/proxy"
+    with stack.session() as session, ThreadPoolExecutor(BATCH) as pool:
+        # One keep-alive agent for the whole batch, like node-fetch's.
+        results = list(pool.map(lambda i: post_like_extension(session, url, extension_body(f"Tab {i}: summarise.")),
+                                range(BATCH)))
+    for result in results:
+        assert result.status == 200, result.errors
+        assert not result.errors
+        assert result.finish_reason in ("stop", "length")
+        assert result.saw_done
+        assert result.chunks >= 1
+
+
+def test_aborting_one_stream_stops_its_generation_and_spares_the_others(stack):
+    url = f"{stack.base}/k/{stack.key}/api/dce/proxy"
+    # ignore_eos keeps every generation running long enough to abort one mid-way.
+    body = extension_body("Write at length.", max_tokens=4096, ignore_eos=True)
+    started = threading.Barrier(BATCH + 1, timeout=120)
+    abort = threading.Event()
+
+    def run(index: int):
+        first = True
+
+        def on_chunk(result):
+            nonlocal first
+            if first and result.chunks:
+                first = False
+                started.wait()
+            return not (index == 0 and abort.is_set())
+
+        with stack.session() as session:
+            return post_like_extension(session, url, body, on_chunk=on_chunk)
+
+    with ThreadPoolExecutor(BATCH) as pool:
+        futures = [pool.submit(run, i) for i in range(BATCH)]
+        started.wait()
+        assert stack.vllm_metric("vllm:num_requests_running") == BATCH
+        abort.set()
+        aborted_at = time.monotonic()
+        while stack.vllm_metric("vllm:num_requests_running") > BATCH - 1:
+            assert time.monotonic() - aborted_at < 2.0, "vLLM still generates for the aborted stream"
+        results = [future.result() for future in futures]
+
+    aborted, others = results[0], results[1:]
+    assert aborted.finish_reason is None
+    for result in others:
+        assert result.status == 200 and not result.errors
+        assert result.finish_reason == "length" and result.saw_done
+
+
+def test_max_tokens_above_the_model_context_is_fitted(stack, session):
+    response = session.post(f"{stack.base}/v1/chat/completions", headers={"Authorization": f"Bearer {stack.key}"},
+                            json={"model": "local-model", "max_tokens": 16384,
+                                  "messages": [{"role": "user", "content": "hi"}]}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_generate_returns_ten_responses(stack, session):
+    response = session.post(f"{stack.base}/api/dce/generate", headers={"Authorization": f"Bearer {stack.key}"},
+                            json={"prompt": "# prompt.md\nExplain the repository.", "max_tokens": 32, "seed": 7},
+                            timeout=120)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["responses"]) == 10 and all(isinstance(text, str) for text in body["responses"])
+    assert len(body["finish_reasons"]) == 10
+    assert body["usage"]["completion_tokens"] > 0
+    assert body["model"] == "tiny"
+
+
+def test_generate_stream_tags_events_by_response_index(stack, session):
+    response = session.post(f"{stack.base}/api/dce/generate", headers={"X-API-Key": stack.key},
+                            json={"prompt": "Hello", "n": 3, "max_tokens": 16, "stream": True, "seed": 1},
+                            stream=True, timeout=120)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    parsed = [json.loads(event) for event in events[:-1]]
+    assert {event["index"] for event in parsed if event["type"] == "finish"} == {0, 1, 2}
+    assert all(event["type"] in ("delta", "finish") for event in parsed)
