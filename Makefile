@@ -8,7 +8,7 @@ VENV := .venv
 PYTEST := $(VENV)/bin/python -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help up down logs ps restart-proxy images test test-unit test-integration
+.PHONY: help up down logs ps restart-proxy images test test-unit test-integration bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -40,6 +40,10 @@ test-integration: $(VENV)/.installed ## The composed stack with the real vLLM en
 	scripts/ensure-docker.sh
 	scripts/build-images.sh
 	$(PYTEST) tests/integration
+
+bench: $(VENV)/.installed ## Benchmark direct vs proxy vs Caddy + proxy on loopback (not a test; ~10 min)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/bench/requirements.txt
+	$(VENV)/bin/python tests/bench/run_bench.py $(BENCH_ARGS)
 
 $(VENV)/.installed: tests/requirements.txt proxy/requirements.txt
 	python3 -m venv $(VENV)

@@ -35,9 +35,9 @@ def json_object() -> dict:
 
 
 def integer(body: dict, name: str, *, low: int, high: int | None = None, default: int | None = None) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
+    value = body.get(name)
+    if value is None:  # absent and null both mean "the default"
+        return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(name, f"'{name}' must be an integer.")
     if value < low or (high is not None and value > high):
@@ -59,7 +59,9 @@ def number(body: dict, name: str, *, low: float, high: float, low_inclusive: boo
 
 
 def boolean(body: dict, name: str) -> bool:
-    value = body.get(name, False)
+    value = body.get(name)
+    if value is None:
+        return False
     if not isinstance(value, bool):
         raise invalid(name, f"'{name}' must be true or false.")
     return value

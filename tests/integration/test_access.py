@@ -79,9 +79,13 @@ def test_vllm_is_only_on_the_backend_network(stack):
 def test_proxy_reaches_vllm_but_caddy_cannot_even_resolve_it(stack):
     code, out = stack.exec_python("proxy", "import urllib.request; print(urllib.request.urlopen('http://vllm:8000/health').status)")
     assert code == 0 and out.strip() == "200", out
-    result = stack.container("caddy").exec_run(["wget", "-q", "-T", "3", "-O", "-", "http://vllm:8000/health"])
-    assert result.exit_code != 0
-    assert b"bad address" in result.output, result.output
+    caddy = stack.container("caddy")
+    assert caddy.exec_run(["nslookup", "proxy"]).exit_code == 0  # the lookup itself works...
+    lookup = caddy.exec_run(["nslookup", "vllm"])
+    assert lookup.exit_code != 0 and b"can't find vllm" in lookup.output  # ...but vllm is unknown there
+    vllm_ip = stack.container("vllm").attrs["NetworkSettings"]["Networks"]["dce-test_backend"]["IPAddress"]
+    direct = caddy.exec_run(["wget", "-q", "-T", "3", "-O", "-", f"http://{vllm_ip}:8000/health"])
+    assert direct.exit_code != 0, "Caddy reached vLLM by its address"
 
 
 def test_logs_hold_no_key_and_no_prompt(stack, session):

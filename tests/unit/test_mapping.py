@@ -1,0 +1,94 @@
+"""What the proxy changes in a request before vLLM sees it: the model name,
+max_tokens / max_completion_tokens above the context, and the n cap."""
+
+import pytest
+
+from unit_helpers import ALICE_KEY, assert_error, bearer
+
+AUTH = bearer(ALICE_KEY)
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chat(client, **fields):
+    return client.post("/v1/chat/completions", json={"messages": MESSAGES, **fields}, headers=AUTH)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/api/dce/proxy", "/v1/completions", "/api/dce/generate"])
+@pytest.mark.parametrize("model", ["local-model", "unsloth/gpt-oss-20b", "", "tiny"])
+def test_any_model_name_maps_to_the_served_model(client, fake_vllm, route, model):
+    body = {"prompt": "hi"} if route.endswith(("/completions", "/generate")) and "chat" not in route \
+        else {"messages": MESSAGES}
+    r = client.post(route, json={**body, "model": model}, headers=AUTH)
+    assert r.status_code == 200, r.data
+    assert fake_vllm.last_body["model"] == "tiny"
+
+
+def test_missing_model_maps_to_the_served_model(client, fake_vllm):
+    assert chat(client).status_code == 200
+    assert fake_vllm.last_body.get("model") == "tiny"
+
+
+def test_alias_map_is_honoured_and_default_is_the_first_served_model(make_app, fake_vllm):
+    fake_vllm.model_ids = ("tiny", "tiny-2")
+    c = make_app(DCE_MODEL_ALIASES="big=tiny-2,gpt-4o=tiny-2").test_client()
+    for requested, served in [("big", "tiny-2"), ("gpt-4o", "tiny-2"), ("local-model", "tiny"), ("", "tiny")]:
+        r = c.post("/v1/chat/completions", json={"model": requested, "messages": MESSAGES}, headers=AUTH)
+        assert r.status_code == 200, r.data
+        assert fake_vllm.last_body["model"] == served, requested
+
+
+@pytest.mark.parametrize("max_model_len", [4096, 2048])
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_token_limit_above_context_is_lowered_to_max_model_len(make_app, fake_vllm, max_model_len, field):
+    fake_vllm.max_model_len = max_model_len  # read from /v1/models, not hard-coded
+    r = chat(make_app().test_client(), **{field: 16384})
+    assert r.status_code == 200, r.data
+    assert fake_vllm.last_body[field] == max_model_len
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"prompt": "hi"}),
+    ("/api/dce/proxy", {"messages": MESSAGES}),
+])
+def test_max_tokens_lowered_on_other_routes(client, fake_vllm, route, body):
+    assert client.post(route, json={**body, "max_tokens": 16384}, headers=AUTH).status_code == 200
+    assert fake_vllm.last_body["max_tokens"] == 4096
+
+
+@pytest.mark.parametrize("value", [1, 100, 4096])
+def test_token_limit_within_context_is_kept(client, fake_vllm, value):
+    assert chat(client, max_tokens=value).status_code == 200
+    assert fake_vllm.last_body["max_tokens"] == value
+
+
+def test_generate_default_max_tokens(make_app, fake_vllm):
+    assert make_app().test_client().post("/api/dce/generate", json={"prompt": "hi"}, headers=AUTH).status_code == 200
+    assert fake_vllm.last_body["max_tokens"] == 4096
+    c = make_app(DCE_DEFAULT_MAX_TOKENS="123").test_client()
+    assert c.post("/api/dce/generate", json={"prompt": "hi"}, headers=AUTH).status_code == 200
+    assert fake_vllm.last_body["max_tokens"] == 123
+
+
+def test_generate_default_max_tokens_above_context_is_lowered(make_app, fake_vllm):
+    fake_vllm.max_model_len = 1024
+    c = make_app(DCE_DEFAULT_MAX_TOKENS="4096").test_client()
+    assert c.post("/api/dce/generate", json={"prompt": "hi"}, headers=AUTH).status_code == 200
+    assert fake_vllm.last_body["max_tokens"] == 1024
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/api/dce/proxy"])
+def test_n_above_cap_is_422_on_pass_through_routes(make_app, fake_vllm, route):
+    c = make_app(DCE_MAX_N="4", DCE_DEFAULT_N="2").test_client()
+    r = c.post(route, json={"messages": MESSAGES, "n": 5}, headers=AUTH)
+    assert_error(r, 422, type_="invalid_request_error", param="n")
+    assert fake_vllm.generation_requests == []
+    assert c.post(route, json={"messages": MESSAGES, "n": 4}, headers=AUTH).status_code == 200
+    assert fake_vllm.last_body["n"] == 4
+
+
+def test_other_fields_reach_upstream_unchanged(client, fake_vllm):
+    extra = {"temperature": 0.3, "top_p": 0.9, "seed": 7, "stop": ["\n"], "reasoning_effort": "medium",
+             "stream_options": {"include_usage": True}, "stream": True}
+    assert chat(client, **extra).status_code == 200
+    sent = fake_vllm.last_body
+    assert {k: sent.get(k) for k in extra} == extra

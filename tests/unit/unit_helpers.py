@@ -1,0 +1,140 @@
+"""Small helpers shared by the unit tests (keys, auth headers, SSE parsing)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+from typing import Any, Iterable
+
+ALICE_KEY = "test-key-aaaaaaaaaaaaaaaa"
+BOB_KEY = "test-key-bbbbbbbbbbbbbbbb"
+TEST_KEYS = f"alice:{ALICE_KEY},bob:{BOB_KEY}"
+
+# The request the DCE VS Code extension v1.2.0 sends (contract, /api/dce/proxy).
+DCE_EXTENSION_BODY = {
+    "model": "local-model",
+    "messages": [{"role": "user", "content": "Summarise the selected files."}],
+    "max_tokens": 16384,
+    "stream": True,
+    "reasoning_effort": "medium",
+    "n": 1,
+}
+
+
+def bearer(key: str = ALICE_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def basic(key: str = ALICE_KEY, user: str = "dce") -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{key}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def sse_data(raw: bytes | str) -> list[str]:
+    """The `data:` payloads of an SSE body, in order (including `[DONE]`)."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    out = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        for line in block.split("\n"):
+            if line.startswith("data:"):
+                out.append(line[5:].strip())
+    return out
+
+
+def sse_json(raw: bytes | str) -> list[dict[str, Any]]:
+    """The JSON events of an SSE body; asserts it ends with exactly one [DONE]."""
+    data = sse_data(raw)
+    assert data and data[-1] == "[DONE]", f"stream does not end with [DONE]: {data[-3:]}"
+    assert data.count("[DONE]") == 1, "more than one [DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def read_like_extension(raw: bytes | str) -> tuple[str, bool, str | None]:
+    """Parse a stream the way the DCE extension v1.2.0 does: split on blank
+    lines, take `data: ` lines, skip `[DONE]`, append choices[0].delta.content,
+    a non-null finish_reason means done. Returns (text, done, finish_reason)."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    content, done, reason = "", False, None
+    for block in text.split("\n\n"):
+        for line in block.split("\n"):
+            if not line.startswith("data: "):
+                continue
+            payload = line[len("data: "):]
+            if payload == "[DONE]":
+                continue
+            choice = json.loads(payload)["choices"][0]
+            content += choice.get("delta", {}).get("content") or ""
+            if choice.get("finish_reason") is not None:
+                done, reason = True, choice["finish_reason"]
+    return content, done, reason
+
+
+def assert_error(resp, status: int, type_: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """The contract's error shape: {"error": {"message": str, "type": str, "code": str|int}}."""
+    body = resp.get_data() if hasattr(resp, "get_data") else resp.content
+    assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {body[:300]!r}"
+    assert b"Traceback" not in body
+    assert resp.headers.get("Content-Type", "").startswith("application/json"), resp.headers.get("Content-Type")
+    obj = json.loads(body)
+    err = obj["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str)
+    assert isinstance(err["code"], (str, int)) and not isinstance(err["code"], bool)
+    if type_ is not None:
+        assert err["type"] == type_, err
+    if param is not None:
+        assert err.get("param") == param, err
+    return err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_port_url() -> str:
+    """A URL on which nothing listens (connection refused at once)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def timed_events(resp) -> list[tuple[float, str]]:
+    """(arrival time, data payload) of each SSE event of a `requests` stream,
+    read as the bytes arrive (no buffering on our side)."""
+    events, buf = [], b""
+    for chunk in resp.iter_content(chunk_size=None):
+        now = time.monotonic()
+        buf += chunk
+        while b"\n\n" in buf:
+            block, buf = buf.split(b"\n\n", 1)
+            for line in block.decode().split("\n"):
+                if line.startswith("data:"):
+                    events.append((now, line[5:].strip()))
+    return events
+
+
+def raw_http(port: int, method: str, path: str, body: bytes = b"", headers: Iterable[tuple[str, str]] = ()) -> socket.socket:
+    """Send one HTTP/1.1 request on a fresh socket and return the socket, so a
+    test can read part of the answer and then hang up like a real client."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    return sock
+
+
+def read_events_then_hang_up(sock: socket.socket, count: int) -> bytes:
+    """Read from `sock` until `count` SSE `data:` events arrived, then close
+    the socket at once (a client that goes away mid-stream)."""
+    buf = b""
+    try:
+        while buf.count(b"data:") < count:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        sock.close()
+    return buf
