@@ -189,11 +189,14 @@ def free_port() -> int:
 
 
 def children_of(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(child) for child in text.split()]
+    found = []
+    # Any thread of the process may have forked a child: read every task's list.
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return sorted(set(found))
 
 
 def wait_until(check, seconds: float, what: str, child: subprocess.Popen):
@@ -801,6 +804,7 @@ def main(argv=None) -> int:
                 if collapsed:
                     profiles[scenario.name] = hot_spots(collapsed)
         access_lines = count_access_lines(stack.logs["proxy"])
+        master_rss = read_rss_mb(stack.pid("proxy")) or 0
     finally:
         stack.stop()
     medians = {name: medians_of(by_path) for name, by_path in results.items()}
@@ -814,7 +818,8 @@ def main(argv=None) -> int:
     print(f"direct = the fake upstream (tests/bench/fake_openai_upstream.py); proxy = gunicorn gevent, 1 worker, "
           f"every feature on: Bearer key, DCE_RATE_LIMIT={RATE_LIMIT} (moving window, memory), "
           f"DCE_MAX_CONCURRENT={MAX_CONCURRENT}, validation, model mapping {CLIENT_MODEL} -> {SERVED_MODEL}, "
-          f"JSON access log to {stack.logs['proxy']} ({access_lines} access lines); "
+          f"JSON access log to {stack.logs['proxy']} ({access_lines} access lines); RSS is the worker's (the "
+          f"gunicorn master, which serves nothing, holds {master_rss:.0f} MB more); "
           f"caddy+proxy = Caddy {stack.caddy_version} (TLS 1.3, internal CA, HTTP/1.1) in front of that proxy.")
     print("load: wrk -t1 (JSON; wrk does not check certificates, so the Caddy path was first verified with Python's "
           "ssl against Caddy's root), stream_client.py (streams; verifies TLS); requests go to /v1/completions "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import docker
+import figures
 import pytest
 import requests
 from testcontainers.compose import DockerCompose
@@ -141,6 +142,11 @@ def stack(tmp_path_factory) -> Stack:
         raise
     yield stack
     compose.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_sep("-", "hardening figures (unit + integration)")
+    terminalreporter.write_line(figures.line())
 
 
 def pytest_collection_modifyitems(items):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+import figures
 import pytest
 import requests
 
@@ -97,6 +98,8 @@ def test_logs_hold_no_key_and_no_prompt(stack, session):
     answer = path_response.json()["responses"][0]
     logs = {service: stack.container(service).logs().decode(errors="replace") for service in ("caddy", "proxy")}
     assert "/k/REDACTED" in logs["caddy"]  # the request was logged, with its key cut out
+    secrets_found = sum(text.count(stack.key) + text.count(stack.other_key) for text in logs.values())
+    figures.add("secrets_in_logs", secrets_found)
     for service, text in logs.items():
         assert stack.key not in text, f"API key in {service} logs"
         assert stack.other_key not in text, f"API key in {service} logs"

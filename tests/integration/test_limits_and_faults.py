@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import figures
 import pytest
 
 from dce_client import extension_body, post_like_extension
@@ -102,6 +103,7 @@ def test_vllm_killed_mid_stream_ends_streams_then_recovers_without_proxy_restart
                          json={"prompt": "hi", "n": 2, "max_tokens": 4}, timeout=60)
     assert again.status_code == 200, again.text
     assert _started_at(stack, "proxy") == proxy_started  # recovered without restarting the proxy
+    figures.add("faults_survived", 1)
 
 
 @pytest.mark.disruptive
@@ -116,6 +118,7 @@ def test_killed_proxy_worker_is_replaced(stack, session):
     _wait_until(lambda: _ready(stack), 30, "a new proxy worker")
     response = session.get(f"{stack.base}/v1/models", headers={"X-API-Key": stack.key}, timeout=10)
     assert response.status_code == 200
+    figures.add("faults_survived", 1)
 
 
 @pytest.mark.disruptive
@@ -131,3 +134,4 @@ def test_caddy_restart_keeps_its_certificates(stack):
     stack.https_port = int(caddy.attrs["NetworkSettings"]["Ports"]["443/tcp"][0]["HostPort"])
     _wait_until(lambda: _ready(stack), 60, "Caddy to serve again")
     assert certificate() == before
+    figures.add("faults_survived", 1)

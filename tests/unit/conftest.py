@@ -16,6 +16,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, settings
 
+import figures
 from fake_vllm import FakeVLLM
 from unit_helpers import TEST_KEYS, free_port
 
@@ -64,6 +65,9 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     stats = config.stash.get(FUZZ_STATS, None)
     if stats and stats["requests"]:
+        figures.reset()  # this run starts the tally that the integration run completes
+        figures.add("requests_fuzzed", stats["requests"])
+        figures.add("fuzz_5xx", stats["5xx"])
         top = ", ".join(f"{code}: {count}" for code, count in sorted(stats["statuses"].items()))
         terminalreporter.write_sep("-", "fuzz figures")
         terminalreporter.write_line(

@@ -221,13 +221,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.fake._record(cfg["generation"], rec)
         return rec, cfg
 
-    def _write(self, rec: RecordedRequest, data: bytes) -> None:
+    def _write(self, rec: RecordedRequest | None, data: bytes) -> None:
+        if rec is not None:
+            # Recorded before sending: the client may read it before this thread runs again.
+            rec.response_body += data
         try:
             self.wfile.write(data)
             self.wfile.flush()
         except OSError as exc:  # BrokenPipe, ConnectionReset, ...
             raise _Disconnected() from exc
-        rec.response_body += data
 
     def _send_json(self, rec: RecordedRequest, status: int, obj: Any, raw: bytes | None = None,
                    content_type: str = "application/json") -> None:
@@ -429,20 +431,19 @@ class _Handler(BaseHTTPRequestHandler):
                     if cfg["fault"] == "garbage":
                         self._chunk(rec, b"data: {this is not json at all\n\n")
                 self._chunk(rec, data)
-            self._write(rec, b"0\r\n\r\n")  # end of chunked body
-            del rec.response_body[-5:]  # keep only the body bytes, not the chunk framing
+            self._write(None, b"0\r\n\r\n")  # end of chunked body: framing, not body bytes
             self.fake._count(gen, streams_finished=1)
         finally:
             self.fake._count(gen, open_streams=-1)
 
     def _chunk(self, rec: RecordedRequest, data: bytes) -> None:
         # One HTTP chunk per SSE event, like uvicorn does for vLLM.
+        rec.response_body += data
         try:
             self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n")
             self.wfile.flush()
         except OSError as exc:
             raise _Disconnected() from exc
-        rec.response_body += data
 
     def _hang_up(self) -> None:
         self.close_connection = True

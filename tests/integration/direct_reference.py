@@ -1,0 +1,29 @@
+"""Runs inside the proxy container (the backend network): the same streams sent straight to vLLM.
+
+Reads a JSON list of request bodies from DCE_REFERENCE_BODIES and prints a JSON list of the
+texts, each rebuilt from delta.content exactly as the extension-like client does.
+"""
+
+import json
+import os
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+
+def stream_text(body):
+    request = urllib.request.Request("http://vllm:8000/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    text = []
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:
+            line = line.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                choices = json.loads(line[6:])["choices"]
+                if choices:
+                    text.append(choices[0]["delta"].get("content") or "")
+    return "".join(text)
+
+
+bodies = json.loads(os.environ["DCE_REFERENCE_BODIES"])
+with ThreadPoolExecutor(len(bodies)) as pool:
+    print(json.dumps(list(pool.map(stream_text, bodies))))
