@@ -567,12 +567,16 @@ def medians_of(results: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def print_table(plan: list[Scenario], medians: dict[str, dict], rounds: int):
-    width = 38
-    header = f"{'scenario / metric':<{width}}" + "".join(
-        f"{LABELS[p]:>13}{'':>9}" if p != "direct" else f"{LABELS[p]:>13}" for p in PATHS)
+    label_w, value_w, ratio_w = 38, 14, 11
+    cell_w = {"direct": value_w, "proxy": value_w + ratio_w, "caddy": value_w + ratio_w}
+    header = f"{'scenario / metric':<{label_w}}" + "".join(
+        f"{LABELS[p]:>{value_w}}" + ("" if p == "direct" else f"{'(x direct)':>{ratio_w}}") for p in PATHS)
     print(header)
-    print(f"{'':<{width}}{'':>13}" + f"{'(x direct)':>22}" * 2)
     print("-" * len(header))
+
+    def text_row(label: str, cells: dict[str, str]):
+        print(f"  {label:<{label_w - 2}}" + "".join(f"{cells[p]:>{cell_w[p]}}" for p in PATHS))
+
     for scenario in plan:
         m = medians.get(scenario.name)
         if not m:
@@ -580,34 +584,30 @@ def print_table(plan: list[Scenario], medians: dict[str, dict], rounds: int):
         print(scenario.title)
         rows = WRK_ROWS if scenario.kind == "wrk" else BIG_ROWS if scenario.big else STREAM_ROWS
         for row in rows:
-            line = f"  {row.label:<{width - 2}}"
+            line = f"  {row.label:<{label_w - 2}}"
             base = m["direct"].get(row.key)
             for path in PATHS:
                 value = m[path].get(row.key)
                 if row.key == "proxy_rss_mb" and path == "direct":
                     value = None
-                line += f"{fmt(value, row.digits):>13}"
+                line += f"{fmt(value, row.digits):>{value_w}}"
                 if path != "direct":
                     ratio = ""
                     if row.ratio and value is not None and base:
                         ratio = f"({value / base:.1f}x)" if value / base >= 0.95 else f"({value / base:.2g}x)"
-                    line += f"{ratio:>9}"
+                    line += f"{ratio:>{ratio_w}}"
             print(line)
-        line = f"  {'CPU % proxy/caddy/upstream/load/other':<{width - 2}}"
-        for path in PATHS:
-            cpu = "/".join(fmt(m[path].get("cpu_" + k), 0) for k in CPU_KEYS)
-            line += f"{cpu:>22}" if path != "direct" else f"{cpu:>13}"
-        print(line)
-        line = f"  {'machine busy % / CPU pressure %':<{width - 2}}"
-        for path in PATHS:
-            busy = f"{fmt(m[path].get('machine_cpu_pct'), 0)} / {fmt(m[path].get('cpu_pressure_pct'), 0)}"
-            line += f"{busy:>22}" if path != "direct" else f"{busy:>13}"
-        print(line)
+        text_row("CPU % proxy/caddy/upstream/load/other",
+                 {p: "/".join(fmt(m[p].get("cpu_" + k), 0) for k in CPU_KEYS) for p in PATHS})
+        text_row("machine busy % / CPU pressure %",
+                 {p: f"{fmt(m[p].get('machine_cpu_pct'), 0)} / {fmt(m[p].get('cpu_pressure_pct'), 0)}"
+                  for p in PATHS})
         for path in PATHS:
             if m[path]["error_detail"]:
                 print(f"  !! {LABELS[path]} errors over {rounds} rounds: {m[path]['error_detail']}")
-    print(f"CPU %: of one core (the machine has {CPUS}); load = wrk or stream_client.py; "
-          "other = everything else that ran on the machine meanwhile.")
+    print(f"CPU %: of one core (the machine has {CPUS}); load = wrk or stream_client.py; other = everything else "
+          "that ran on the machine meanwhile. Machine busy: % of all CPUs. CPU pressure: share of the time some "
+          "task waited for a CPU (Linux PSI).")
 
 
 def evaluate_targets(medians: dict[str, dict]) -> list[tuple[str, str, dict[str, str]]]:
@@ -662,9 +662,10 @@ def evaluate_targets(medians: dict[str, dict]) -> list[tuple[str, str, dict[str,
         pressure = m[path].get("cpu_pressure_pct") or 0
         # Saturated: a process of the path at a full core, all CPUs busy, or tasks queueing for a CPU.
         saturated = busy >= 90 or machine >= 90 or pressure >= 25
-        return (f"{value:.0f} events ({m[path]['coalesced_pct']:.2f}%)  "
+        direct = m["direct"].get("coalesced_events") or 0
+        return (f"{value:.0f} events ({m[path]['coalesced_pct']:.1f}%)  "
                 + ("n/a, CPU saturated" if saturated else "MISSED")
-                + f" (cpu {busy:.0f}%, machine {machine:.0f}%, pressure {pressure:.0f}%)")
+                + f" (direct {direct:.0f}; cpu {busy:.0f}%, busy {machine:.0f}%, psi {pressure:.0f}%)")
 
     def all_open(level):
         def compute(m, path):
@@ -692,10 +693,12 @@ def evaluate_targets(medians: dict[str, dict]) -> list[tuple[str, str, dict[str,
 
 
 def print_targets(rows):
-    print(f"{'target (proxy, every feature on)':<34}{'goal':<16}{'proxy':<72}{'caddy+proxy (for information)'}")
-    print("-" * 150)
+    print(f"{'target (proxy, every feature on)':<34}{'goal':<16}{'proxy':<84}{'caddy+proxy (for information)'}")
+    print("-" * 162)
     for label, goal, cells in rows:
-        print(f"{label:<34}{goal:<16}{cells['proxy']:<72}{cells['caddy']}")
+        print(f"{label:<34}{goal:<16}{cells['proxy']:<84}{cells['caddy']}")
+    print("'added' = path minus direct (medians). Coalescing counts only where the CPU was not saturated "
+          "(cpu: the busiest process of the path; busy: all CPUs; psi: CPU pressure >= 25%).")
 
 
 def loadavg() -> str:

@@ -34,6 +34,8 @@ class Stack:
     ca_file: str
     key: str
     other_key: str
+    # Ten more curators: a load beyond one key's DCE_MAX_CONCURRENT needs several keys.
+    load_keys: list[str]
 
     @property
     def base(self) -> str:
@@ -68,9 +70,10 @@ class Stack:
         return sum(values)
 
 
-def _write_env(tmp: Path, key: str, other_key: str) -> Path:
+def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Path:
     keys = tmp / "dce_api_keys"
-    keys.write_text(f"curator:{key}\nother:{other_key}\n")
+    load_lines = "".join(f"load{i}:{load_key}\n" for i, load_key in enumerate(load_keys))
+    keys.write_text(f"curator:{key}\nother:{other_key}\n{load_lines}")
     token = tmp / "hf_token"
     token.write_text("")
     for path in (keys, token):
@@ -124,7 +127,9 @@ def stack(tmp_path_factory) -> Stack:
     os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
     tmp = tmp_path_factory.mktemp("stack")
     key, other_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    compose = DockerCompose(REPO, compose_file_name=COMPOSE_FILES, env_file=str(_write_env(tmp, key, other_key)),
+    load_keys = [secrets.token_urlsafe(24) for _ in range(10)]
+    env_file = _write_env(tmp, key, other_key, load_keys)
+    compose = DockerCompose(REPO, compose_file_name=COMPOSE_FILES, env_file=str(env_file),
                             build=False, pull=False, wait=True)
     compose.stop()  # a previous run that was killed may have left the project behind
     try:
@@ -132,7 +137,7 @@ def stack(tmp_path_factory) -> Stack:
         caddy = compose.get_container("caddy")
         stack = Stack(compose=compose, https_port=int(caddy.get_publisher(by_port=443, by_host="127.0.0.1").PublishedPort),
                       http_port=int(caddy.get_publisher(by_port=80, by_host="127.0.0.1").PublishedPort),
-                      ca_file=str(tmp / "caddy-root.crt"), key=key, other_key=other_key)
+                      ca_file=str(tmp / "caddy-root.crt"), key=key, other_key=other_key, load_keys=load_keys)
         _fetch_root_ca(stack, Path(stack.ca_file))
         _wait_ready(stack)
     except Exception:

@@ -29,7 +29,7 @@ def test_ten_concurrent_extension_streams_complete(stack):
 def test_aborting_one_stream_stops_its_generation_and_spares_the_others(stack):
     url = f"{stack.base}/k/{stack.key}/api/dce/proxy"
     # ignore_eos keeps every generation running long enough to abort one mid-way.
-    body = extension_body("Write at length.", max_tokens=4096, ignore_eos=True)
+    body = extension_body("Write at length.", max_tokens=2048, ignore_eos=True)
     started = threading.Barrier(BATCH + 1, timeout=120)
     abort = threading.Event()
 
