@@ -43,7 +43,8 @@ def upstream_error_response(upstream: requests.Response) -> Response:
     raise upstream_garbage(f"vLLM answered HTTP {upstream.status_code} without a JSON error.")
 
 
-def read_json(upstream: requests.Response) -> dict:
+def read_json(upstream: requests.Response) -> tuple[bytes, dict]:
+    """vLLM's JSON answer: its bytes (to pass on untouched) and their parsed form."""
     try:
         body = upstream.content
     except requests.RequestException:
@@ -59,7 +60,7 @@ def read_json(upstream: requests.Response) -> dict:
     usage = parsed.get("usage")
     if isinstance(usage, dict):
         stats().update(prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"))
-    return parsed
+    return body, parsed
 
 
 def json_body_response(body: dict, status: int = 200) -> Response:
@@ -146,5 +147,7 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
         if rewrite_event is None:
             return passthrough_stream(answer, error_event)
         return rewritten_stream(answer, rewrite_event, error_event)
-    parsed = read_json(answer)
-    return json_body_response(rewrite_json(parsed) if rewrite_json else parsed)
+    body_bytes, parsed = read_json(answer)
+    if rewrite_json is None:
+        return Response(body_bytes, mimetype="application/json")
+    return json_body_response(rewrite_json(parsed))

@@ -42,6 +42,9 @@ class Upstream:
         self._base = settings.vllm_url
         self._timeout = (settings.connect_timeout, settings.first_byte_timeout)
         self._session = requests.Session()
+        # Nothing from the environment: no HTTP_PROXY detour to vLLM, and no per-request scan of
+        # os.environ and ~/.netrc (a measurable share of each request's CPU).
+        self._session.trust_env = False
         # One pool, sized for many concurrent streams; no retries: a POST may already be generating.
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2048, max_retries=0)
         self._session.mount("http://", adapter)

@@ -36,6 +36,7 @@ class Stack:
     other_key: str
     # Ten more curators: a load beyond one key's DCE_MAX_CONCURRENT needs several keys.
     load_keys: list[str]
+    keys_file: Path  # the proxy's Compose secret; a test may revoke a key in it
 
     @property
     def base(self) -> str:
@@ -62,12 +63,32 @@ class Stack:
 
     def vllm_metric(self, name: str) -> float:
         """Reads one vLLM metric from inside the backend network (vLLM publishes no port)."""
-        code, out = self.exec_python(
-            "proxy", "import urllib.request; print(urllib.request.urlopen('http://vllm:8000/metrics').read().decode())")
+        (_, value), = self.vllm_metric_samples(name, seconds=0)
+        return value
+
+    def vllm_metric_samples(self, name: str, seconds: float) -> list[tuple[float, float]]:
+        """Samples a vLLM metric every 0.1 s for `seconds`, from inside the backend network.
+
+        Each sample carries the wall-clock time it was taken (the container shares the host's
+        clock), so a test can time an event without counting `docker exec`'s own latency.
+        """
+        code, out = self.exec_python("proxy", _SAMPLE_METRIC.format(name=name, seconds=seconds))
         assert code == 0, out
-        values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", out, re.M)]
-        assert values, f"{name} not in vLLM's /metrics"
-        return sum(values)
+        return [(float(t), float(v)) for t, v in (line.split() for line in out.splitlines())]
+
+
+_SAMPLE_METRIC = """
+import re, time, urllib.request
+end = time.time() + {seconds}
+while True:
+    text = urllib.request.urlopen('http://vllm:8000/metrics').read().decode()
+    values = [float(v) for v in re.findall(r'^{name}{{[^}}]*}} (\\S+)$', text, re.M)]
+    assert values, '{name} not in /metrics'
+    print(time.time(), sum(values), flush=True)
+    if time.time() >= end:
+        break
+    time.sleep(0.1)
+"""
 
 
 def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Path:
@@ -137,7 +158,8 @@ def stack(tmp_path_factory) -> Stack:
         caddy = compose.get_container("caddy")
         stack = Stack(compose=compose, https_port=int(caddy.get_publisher(by_port=443, by_host="127.0.0.1").PublishedPort),
                       http_port=int(caddy.get_publisher(by_port=80, by_host="127.0.0.1").PublishedPort),
-                      ca_file=str(tmp / "caddy-root.crt"), key=key, other_key=other_key, load_keys=load_keys)
+                      ca_file=str(tmp / "caddy-root.crt"), key=key, other_key=other_key, load_keys=load_keys,
+                      keys_file=tmp / "dce_api_keys")
         _fetch_root_ca(stack, Path(stack.ca_file))
         _wait_ready(stack)
     except Exception:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import socket
+import ssl
+import time
 
 import figures
 import pytest
@@ -106,3 +109,38 @@ def test_logs_hold_no_key_and_no_prompt(stack, session):
         assert PROMPT_MARKER not in text, f"prompt in {service} logs"
         if len(answer) >= 8:
             assert answer not in text, f"answer in {service} logs"
+
+
+def test_another_host_header_reaches_nothing(stack, session):
+    # Same TLS name (SNI), other Host: Caddy has no site for it, so nothing is proxied.
+    response = session.get(f"{stack.base}/v1/models", timeout=10,
+                           headers={"Host": "vllm:8000", "Authorization": f"Bearer {stack.key}"})
+    assert "X-Request-Id" not in response.headers  # the proxy never saw it
+    assert b"tiny" not in response.content
+
+
+def test_slow_client_sending_headers_is_cut(stack):
+    context = ssl.create_default_context(cafile=stack.ca_file)
+    with socket.create_connection(("localhost", stack.https_port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n")  # ...and never the blank line
+            started = time.monotonic()
+            try:
+                while tls.recv(1024):
+                    pass
+            except (ConnectionError, ssl.SSLError):
+                pass
+            assert time.monotonic() - started < 25, "Caddy kept a slowloris connection open"
+
+
+def test_containers_are_locked_down(stack):
+    for service in ("caddy", "proxy", "vllm"):
+        host_config = stack.container(service).attrs["HostConfig"]
+        assert "no-new-privileges:true" in host_config["SecurityOpt"], service
+        assert host_config["Privileged"] is False
+        assert not any("docker.sock" in bind for bind in host_config.get("Binds") or []), service
+    for service in ("caddy", "proxy"):
+        host_config = stack.container(service).attrs["HostConfig"]
+        assert host_config["ReadonlyRootfs"] is True, service
+        assert host_config["CapDrop"] == ["ALL"], service
+    assert stack.container("proxy").attrs["Config"]["User"] == "10001:10001"

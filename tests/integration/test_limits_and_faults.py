@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -134,4 +135,25 @@ def test_caddy_restart_keeps_its_certificates(stack):
     stack.https_port = int(caddy.attrs["NetworkSettings"]["Ports"]["443/tcp"][0]["HostPort"])
     _wait_until(lambda: _ready(stack), 60, "Caddy to serve again")
     assert certificate() == before
+    figures.add("faults_survived", 1)
+
+
+@pytest.mark.disruptive
+def test_revoked_key_stays_revoked_and_config_survives_a_whole_stack_restart(stack):
+    keys_file = stack.keys_file
+    keys_file.write_text("".join(line + "\n" for line in keys_file.read_text().splitlines()
+                                 if not line.startswith("other:")))
+    certificate_before = ssl.get_server_certificate(("localhost", stack.https_port))
+    subprocess.run(stack.compose.compose_command_property + ["restart"], check=True, cwd=stack.compose.context)
+    caddy = stack.container("caddy")
+    caddy.reload()
+    stack.https_port = int(caddy.attrs["NetworkSettings"]["Ports"]["443/tcp"][0]["HostPort"])
+    _wait_until(lambda: _ready(stack), 300, "the stack to serve again")
+    with stack.session() as session:
+        def models(key):
+            return session.get(f"{stack.base}/v1/models", headers={"X-API-Key": key}, timeout=10).status_code
+
+        assert models(stack.other_key) == 401  # revoked by editing the key file and restarting
+        assert models(stack.key) == 200
+    assert ssl.get_server_certificate(("localhost", stack.https_port)) == certificate_before
     figures.add("faults_survived", 1)

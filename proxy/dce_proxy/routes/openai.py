@@ -1,10 +1,10 @@
 """OpenAI-compatible pass-through, so any OpenAI SDK (or the extension pointed at /v1) works."""
 
-from flask import Blueprint, current_app
+from flask import Blueprint, Response, current_app
 
 from ..limits import holds_generation_slot
 from ..payload import check_messages, check_prompt, json_object
-from ..relay import forward, json_body_response, read_json, upstream_error_response
+from ..relay import forward, read_json, upstream_error_response
 from ..sse import data_event
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -20,7 +20,8 @@ def models():
     answer = current_app.extensions["dce_upstream"].request("GET", "/v1/models")
     if answer.status_code >= 400:
         return upstream_error_response(answer)
-    return json_body_response(read_json(answer))
+    body, _ = read_json(answer)
+    return Response(body, mimetype="application/json")
 
 
 @bp.post("/chat/completions")
