@@ -1,0 +1,35 @@
+"""The production compose file as a user gets it: valid with .env.example, only Caddy published."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from conftest import REPO
+
+
+def _config(*files: str) -> dict:
+    args = ["docker", "compose", "--env-file", ".env.example"]
+    for name in files:
+        args += ["-f", name]
+    # As a user runs it: none of the suite's COMPOSE_* settings, only .env.example.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("COMPOSE_")}
+    result = subprocess.run(args + ["config", "--format", "json"], cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_production_compose_publishes_only_caddy():
+    services = _config("compose.yaml")["services"]
+    assert {name for name, service in services.items() if service.get("ports")} == {"caddy"}
+    assert services["vllm"]["networks"].keys() == {"backend"}
+    assert services["vllm"]["image"] == "vllm/vllm-openai:v0.32.0"  # the release the CPU test image runs
+    assert services["vllm"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_cpu_profile_drops_the_gpu_and_keeps_the_rest():
+    services = _config("compose.yaml", "compose.cpu.yaml")["services"]
+    assert "deploy" not in services["vllm"]
+    assert services["vllm"]["image"] == "dce-vllm-cpu:0.32.0-tiny"
+    assert {name for name, service in services.items() if service.get("ports")} == {"caddy"}
