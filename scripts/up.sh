@@ -18,12 +18,12 @@ keys_file=$(env_value DCE_API_KEYS_SECRET); keys_file=${keys_file:-./secrets/dce
 token_file=$(env_value HF_TOKEN_SECRET); token_file=${token_file:-./secrets/hf_token}
 
 if [[ ! -s $keys_file ]]; then
-  mkdir -p -m 0700 "$(dirname "$keys_file")"
+  mkdir -p "$(dirname "$keys_file")" && chmod 0700 "$(dirname "$keys_file")"
   # Readable by the proxy's unprivileged user through the bind mount; the folder keeps others out.
   (umask 022; printf 'dce:%s\n' "$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')" > "$keys_file")
   say "created an API key in $keys_file: $(cut -d: -f2- "$keys_file")"
 fi
-[[ -f $token_file ]] || { mkdir -p -m 0700 "$(dirname "$token_file")"; (umask 022; : > "$token_file"); }
+[[ -f $token_file ]] || { mkdir -p "$(dirname "$token_file")"; (umask 022; : > "$token_file"); }
 
 files=(-f compose.yaml)
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
