@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from typing import Callable, Iterator
 
-import requests
+import urllib3
 from flask import Response, current_app, request
 
 from .errors import ApiError, upstream_garbage, upstream_unavailable
 from .payload import fit_to_model
 from .sse import DONE, data_event, event_data, split_events
-from .upstream import UpstreamStreamError, iter_body
+from .upstream import UpstreamStreamError, iter_body, read_all
 
 # Per-event rewrite: takes the decoded event, returns the bytes to send (b"" to send nothing).
 EventRewriter = Callable[[dict], bytes]
@@ -26,31 +26,24 @@ def stats() -> dict:
     return request.environ.setdefault("dce.stats", {})
 
 
-def upstream_error_response(upstream: requests.Response) -> Response:
+def upstream_error_response(upstream: urllib3.BaseHTTPResponse) -> Response:
     """vLLM's own error, passed through with its status when it is the JSON error we expect."""
     try:
-        body = upstream.content
-    except requests.RequestException:
+        body = read_all(upstream)
+    except ApiError:
         body = b""
-    finally:
-        upstream.close()
     try:
         parsed = json.loads(body)
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            return Response(body, status=upstream.status_code, mimetype="application/json")
+            return Response(body, status=upstream.status, mimetype="application/json")
     except ValueError:
         pass
-    raise upstream_garbage(f"vLLM answered HTTP {upstream.status_code} without a JSON error.")
+    raise upstream_garbage(f"vLLM answered HTTP {upstream.status} without a JSON error.")
 
 
-def read_json(upstream: requests.Response) -> tuple[bytes, dict]:
+def read_json(upstream: urllib3.BaseHTTPResponse) -> tuple[bytes, dict]:
     """vLLM's JSON answer: its bytes (to pass on untouched) and their parsed form."""
-    try:
-        body = upstream.content
-    except requests.RequestException:
-        raise upstream_unavailable("vLLM closed the connection before answering.") from None
-    finally:
-        upstream.close()
+    body = read_all(upstream)
     try:
         parsed = json.loads(body)
     except ValueError:
@@ -67,20 +60,20 @@ def json_body_response(body: dict, status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, mimetype="application/json")
 
 
-def _require_event_stream(upstream: requests.Response) -> None:
+def _require_event_stream(upstream: urllib3.BaseHTTPResponse) -> None:
     if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
         upstream.close()
         raise upstream_garbage("vLLM answered a streaming request without an event stream.")
 
 
-def _stream_response(upstream: requests.Response, body: Iterator[bytes]) -> Response:
+def _stream_response(upstream: urllib3.BaseHTTPResponse, body: Iterator[bytes]) -> Response:
     response = Response(body, mimetype="text/event-stream", headers=_STREAM_HEADERS)
     # Closing the upstream socket is what makes vLLM abort the generation and free the GPU.
     response.call_on_close(upstream.close)
     return response
 
 
-def passthrough_stream(upstream: requests.Response, error_event: ErrorEvent) -> Response:
+def passthrough_stream(upstream: urllib3.BaseHTTPResponse, error_event: ErrorEvent) -> Response:
     """Bytes go out exactly as vLLM sent them, each chunk as soon as it arrives."""
     _require_event_stream(upstream)
 
@@ -99,7 +92,7 @@ def passthrough_stream(upstream: requests.Response, error_event: ErrorEvent) -> 
     return _stream_response(upstream, body())
 
 
-def rewritten_stream(upstream: requests.Response, rewrite: EventRewriter, error_event: ErrorEvent) -> Response:
+def rewritten_stream(upstream: urllib3.BaseHTTPResponse, rewrite: EventRewriter, error_event: ErrorEvent) -> Response:
     """Each upstream event is decoded, rewritten and sent on its own, as soon as it is complete."""
     _require_event_stream(upstream)
 
@@ -139,8 +132,8 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
     upstream = current_app.extensions["dce_upstream"]
     fit_to_model(body, upstream.models())
     answer = upstream.request("POST", path, body=json.dumps(body).encode(), stream=True)
-    if answer.status_code >= 400:
-        if answer.status_code == 404:
+    if answer.status >= 400:
+        if answer.status == 404:
             upstream.forget_models()  # the served model may have changed under us
         return upstream_error_response(answer)
     if body.get("stream"):

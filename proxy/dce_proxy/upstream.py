@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-import requests
-from requests.adapters import HTTPAdapter
+import urllib3
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, ReadTimeoutError
 
 from .config import Settings
 from .errors import ApiError, upstream_garbage, upstream_timeout, upstream_unavailable
@@ -39,16 +39,15 @@ class UpstreamStreamError(Exception):
 
 class Upstream:
     def __init__(self, settings: Settings):
-        self._base = settings.vllm_url
-        self._timeout = (settings.connect_timeout, settings.first_byte_timeout)
-        self._session = requests.Session()
-        # Nothing from the environment: no HTTP_PROXY detour to vLLM, and no per-request scan of
-        # os.environ and ~/.netrc (a measurable share of each request's CPU).
-        self._session.trust_env = False
-        # One pool, sized for many concurrent streams; no retries: a POST may already be generating.
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=2048, max_retries=0)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
+        url = urllib3.util.parse_url(settings.vllm_url)
+        self._prefix = (url.path or "").rstrip("/")
+        self._timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.first_byte_timeout)
+        # urllib3 itself, not requests: one pool to one host needs none of requests' per-call
+        # session merging, which cost a third of the proxy's CPU per request (py-spy, make bench).
+        # No retries: a POST may already be generating. Not blocking: every stream gets a connection.
+        self._pool = urllib3.connection_from_url(settings.vllm_url, maxsize=2048, block=False, retries=False,
+                                                 timeout=self._timeout)
+        self._readiness_timeout = urllib3.Timeout(connect=settings.connect_timeout, read=_READINESS_TIMEOUT_SECONDS)
         self._models: ModelInfo | None = None
         self._models_fetched_at = 0.0
         self._models_lock = threading.Lock()
@@ -68,9 +67,9 @@ class Upstream:
             self._models = None
 
     def _fetch_models(self) -> ModelInfo:
-        response = self.request("GET", "/v1/models", timeout=(self._timeout[0], _READINESS_TIMEOUT_SECONDS))
+        response = self.request("GET", "/v1/models", timeout=self._readiness_timeout)
         try:
-            cards = json.loads(response.content)["data"]
+            cards = json.loads(response.data)["data"]
             served = tuple(str(card["id"]) for card in cards)
             lengths = {str(card["id"]): int(card["max_model_len"]) for card in cards if card.get("max_model_len")}
         except (ValueError, KeyError, TypeError):
@@ -82,38 +81,51 @@ class Upstream:
     # -- requests --------------------------------------------------------------------------
 
     def request(self, method: str, path: str, *, body: bytes | None = None, stream: bool = False,
-                timeout: tuple[float, float] | None = None) -> requests.Response:
+                timeout: urllib3.Timeout | None = None) -> urllib3.BaseHTTPResponse:
         """Sends one request; connection failures and 5xx-while-loading become ApiErrors.
 
         vLLM's own 4xx answers are returned as they are, for the caller to pass through.
         """
         try:
-            response = self._session.request(
-                method, self._base + path, data=body, stream=stream,
+            response = self._pool.urlopen(
+                method, self._prefix + path, body=body, preload_content=not stream, redirect=False,
                 headers={"Content-Type": "application/json"} if body is not None else None,
                 timeout=timeout or self._timeout,
             )
-        except requests.ConnectTimeout:
-            raise upstream_unavailable("vLLM did not accept the connection in time (starting or overloaded).") from None
-        except requests.ReadTimeout:
+        except ReadTimeoutError:
             raise upstream_timeout("vLLM did not start answering in time.") from None
-        except requests.RequestException:
+        except ConnectTimeoutError:  # also a refused connection (NewConnectionError)
+            raise upstream_unavailable("vLLM did not accept the connection (starting, restarting or down).") from None
+        except HTTPError:
             raise upstream_unavailable("vLLM is not reachable (starting, restarting or down).") from None
-        if response.status_code in (502, 503, 504):
+        if response.status in (502, 503, 504):
             response.close()
-            raise upstream_unavailable(f"vLLM is not ready (HTTP {response.status_code}).")
+            raise upstream_unavailable(f"vLLM is not ready (HTTP {response.status}).")
         return response
 
 
-def iter_body(response: requests.Response) -> Iterator[bytes]:
+def read_all(response: urllib3.BaseHTTPResponse) -> bytes:
+    """The whole body of a streamed-mode answer; the connection goes back to the pool unless it broke."""
+    try:
+        return response.data
+    except ReadTimeoutError:
+        raise upstream_timeout("vLLM stopped answering (timed out).") from None
+    except HTTPError:
+        raise upstream_unavailable("vLLM closed the connection before answering.") from None
+    finally:
+        response.release_conn()
+
+
+def iter_body(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     """Yields the upstream body chunk by chunk as it arrives; a broken stream raises UpstreamStreamError."""
     try:
-        for chunk in response.iter_content(chunk_size=None):
-            if chunk:
+        if response.chunked:
+            # Whole HTTP chunks: vLLM sends one SSE event per chunk, so events go out unsplit.
+            yield from response.read_chunked()
+        else:
+            while chunk := response.read1(65536):
                 yield chunk
-    except requests.exceptions.ConnectionError as exc:
-        if "timed out" in str(exc).lower():
-            raise UpstreamStreamError(upstream_timeout("vLLM stopped sending tokens (timed out).")) from None
-        raise UpstreamStreamError(upstream_unavailable("vLLM closed the stream before it ended.")) from None
-    except requests.RequestException:
+    except ReadTimeoutError:
+        raise UpstreamStreamError(upstream_timeout("vLLM stopped sending tokens (timed out).")) from None
+    except HTTPError:
         raise UpstreamStreamError(upstream_unavailable("vLLM closed the stream before it ended.")) from None

@@ -34,9 +34,45 @@ from urllib.parse import urlsplit
 EVENT = b"data: {"
 ERROR_EVENT = b'data: {"error"'
 DONE = b"data: [DONE]"
-END_CHUNK = b"\r\n0\r\n\r\n"
 TAIL = 16  # longer than any marker above, so a marker split over two reads is still seen once
 now = time.perf_counter
+
+
+class Dechunker:
+    """Body bytes out of HTTP/1.1 chunked framing fed in arbitrary pieces (a proxy or Caddy may
+    split one event over two chunks, and a chunk-size line must then not break an event's marker)."""
+
+    def __init__(self):
+        self.pending = b""
+        self.data_left = 0  # bytes of the current chunk still to come
+        self.crlf_left = 0  # the CRLF after a chunk's data
+        self.ended = False  # the zero-size last chunk was seen
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self.pending + data
+        out = []
+        pos = 0
+        while pos < len(buf) and not self.ended:
+            if self.data_left:
+                take = min(self.data_left, len(buf) - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                self.data_left -= take
+                self.crlf_left = 0 if self.data_left else 2
+            elif self.crlf_left:
+                take = min(self.crlf_left, len(buf) - pos)
+                pos += take
+                self.crlf_left -= take
+            else:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                size = int(buf[pos:eol].split(b";")[0], 16)
+                pos = eol + 2
+                self.ended = size == 0
+                self.data_left = size
+        self.pending = buf[pos:]
+        return b"".join(out)
 
 
 class StreamResult:
@@ -72,6 +108,7 @@ class StreamConnection(asyncio.Protocol):
         self.tail = b""
         self.seen_done = False
         self.body_left = -1
+        self.dechunker = Dechunker()
         self.result = StreamResult(now())
         self.transport.write(request)
         return self.waiter
@@ -110,7 +147,7 @@ class StreamConnection(asyncio.Protocol):
             if self.body_left <= 0:
                 self._finish()
             return
-        joined = self.tail + data
+        joined = self.tail + self.dechunker.feed(data)
         events = joined.count(EVENT) - self.tail.count(EVENT)
         if events:
             result.reads.append((arrived, events))
@@ -119,8 +156,8 @@ class StreamConnection(asyncio.Protocol):
         if not self.seen_done and joined.count(DONE) > self.tail.count(DONE):
             self.seen_done = True
         self.tail = joined[-TAIL:]
-        if self.seen_done and joined.endswith(END_CHUNK):
-            self._finish()
+        if self.dechunker.ended:
+            self._finish("" if self.seen_done else "stream ended without [DONE]")
 
 
 def percentile(values: list[float], pct: float) -> float | None:

@@ -18,7 +18,7 @@ def openai_error_event(error):
 @bp.get("/models")
 def models():
     answer = current_app.extensions["dce_upstream"].request("GET", "/v1/models")
-    if answer.status_code >= 400:
+    if answer.status >= 400:
         return upstream_error_response(answer)
     body, _ = read_json(answer)
     return Response(body, mimetype="application/json")
