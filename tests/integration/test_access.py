@@ -111,6 +111,16 @@ def test_logs_hold_no_key_and_no_prompt(stack, session):
             assert answer not in text, f"answer in {service} logs"
 
 
+def test_healthchecks_do_not_flood_the_logs(stack):
+    # The stack only came up once every healthcheck had passed, so each ran at least once.
+    for service in ("caddy", "proxy"):
+        state = stack.container(service).attrs["State"]["Health"]
+        assert state["Log"], f"{service} healthcheck never ran"
+    logs = {service: stack.container(service).logs().decode(errors="replace") for service in ("caddy", "proxy")}
+    assert '"admin.api"' not in logs["caddy"]
+    assert "/healthz" not in logs["proxy"]
+
+
 def test_another_host_header_reaches_nothing(stack, session):
     # Same TLS name (SNI), other Host: Caddy has no site for it, so nothing is proxied.
     response = session.get(f"{stack.base}/v1/models", timeout=10,
@@ -137,10 +147,9 @@ def test_containers_are_locked_down(stack):
     for service in ("caddy", "proxy", "vllm"):
         host_config = stack.container(service).attrs["HostConfig"]
         assert "no-new-privileges:true" in host_config["SecurityOpt"], service
+        assert host_config["CapDrop"] == ["ALL"], service
         assert host_config["Privileged"] is False
         assert not any("docker.sock" in bind for bind in host_config.get("Binds") or []), service
     for service in ("caddy", "proxy"):
-        host_config = stack.container(service).attrs["HostConfig"]
-        assert host_config["ReadonlyRootfs"] is True, service
-        assert host_config["CapDrop"] == ["ALL"], service
+        assert stack.container(service).attrs["HostConfig"]["ReadonlyRootfs"] is True, service
     assert stack.container("proxy").attrs["Config"]["User"] == "10001:10001"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ssl
+
 import openai
 import pytest
 
 
 @pytest.fixture()
 def client(stack):
-    with openai.DefaultHttpxClient(verify=stack.ca_file) as http_client:
+    with openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=stack.ca_file)) as http_client:
         yield openai.OpenAI(base_url=f"{stack.base}/v1", api_key=stack.key, http_client=http_client, max_retries=0)
 
 
