@@ -24,17 +24,19 @@ def models():
     return Response(body, mimetype="application/json")
 
 
+def _checked_forward(path: str, check) -> Response:
+    body = json_object()
+    check(body)
+    return forward(path, body, error_event=openai_error_event)
+
+
 @bp.post("/chat/completions")
 @holds_generation_slot
 def chat_completions():
-    body = json_object()
-    check_messages(body)
-    return forward("/v1/chat/completions", body, error_event=openai_error_event)
+    return _checked_forward("/v1/chat/completions", check_messages)
 
 
 @bp.post("/completions")
 @holds_generation_slot
 def completions():
-    body = json_object()
-    check_prompt(body)
-    return forward("/v1/completions", body, error_event=openai_error_event)
+    return _checked_forward("/v1/completions", check_prompt)
