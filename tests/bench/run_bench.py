@@ -754,6 +754,8 @@ def main(argv=None) -> int:
                         help="after the rounds, one extra proxy run per scenario under py-spy; prints hot spots")
     parser.add_argument("--budget-minutes", type=float, default=13.0,
                         help="start no new run after this long (make bench must end within 15 minutes)")
+    parser.add_argument("--no-engine", action="store_true",
+                        help="skip the real-engine run (Docker: the composed stack with vLLM's CPU engine, ~3 min)")
     parser.add_argument("--out", help="folder for logs and results (default: a new temporary folder)")
     parser.add_argument("--proxy-dir", default=str(PROXY_DIR),
                         help="the proxy to measure: a folder like proxy/ (e.g. a patched copy), run with its "
@@ -766,6 +768,8 @@ def main(argv=None) -> int:
         args.levels = [level for level in args.levels if level <= 100] or [100]
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if not args.no_engine:
+        import engine_batch  # needs docker and testcontainers, which the loopback part does not
 
     began = time.monotonic()
     workdir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dce-bench-"))
@@ -785,7 +789,9 @@ def main(argv=None) -> int:
         stack.start()
         runner = Runner(stack, wrk, args)
         preflight(stack, runner)
-        budget_end = began + args.budget_minutes * 60
+        # The real-engine run comes after the loopback scenarios: leave it its time.
+        engine_minutes = 0 if args.no_engine else engine_batch.MINUTES
+        budget_end = began + (args.budget_minutes - engine_minutes) * 60
         for scenario in plan:
             results[scenario.name] = {path: [] for path in PATHS}
             for round_index in range(args.rounds):
@@ -814,6 +820,12 @@ def main(argv=None) -> int:
     (workdir / "results.json").write_text(json.dumps({"runs": results, "medians": medians}, indent=1))
 
     load_end = loadavg()
+    engine_lines = []
+    if not args.no_engine:
+        try:
+            engine_lines = engine_batch.run(deadline=began + args.budget_minutes * 60)
+        except Exception as exc:  # the loopback results are still worth printing
+            engine_lines = [f"!! the real-engine run failed: {exc}"]
     print()
     print(f"== DCE proxy benchmark: medians of {args.rounds} rounds, paths alternating in one time window ==")
     print(f"machine: {CPUS} CPUs, open files limit {files}; before the bench: {idle_busy:.0f}% of all CPUs busy "
@@ -831,6 +843,10 @@ def main(argv=None) -> int:
     print_table(plan, medians, args.rounds)
     print()
     print_targets(evaluate_targets(medians))
+    if engine_lines:
+        print()
+        print(f"== {engine_batch.TITLE} ==")
+        print("\n".join(engine_lines))
     for name, lines in profiles.items():
         print()
         print(f"-- py-spy profile of the proxy worker, {name} (one extra, unmeasured run) --")
