@@ -45,6 +45,9 @@ from dce_client import extension_body  # noqa: E402
 from run_bench import CPUS, TICK, read_machine_ticks  # noqa: E402
 
 PROJECT = "dce-bench"
+# The default deployment on a CPU host (`make up`: one proxy worker) with the test override's random
+# ports; not the suite's COMPOSE_FILES, which may add optional files its tests need.
+COMPOSE_FILES = ["compose.yaml", "compose.cpu.yaml", "compose.test.yaml"]
 LOCK = Path(tempfile.gettempdir()) / f"{PROJECT}.lock"
 PATHS = ("direct", "stack")
 SERVICES = ("vllm", "proxy", "caddy")
@@ -95,7 +98,7 @@ def start_stack(tmp: Path) -> BenchStack:
     os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
     key, other_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     env_file = conftest._write_env(tmp, key, other_key, [])
-    compose = DockerCompose(REPO, compose_file_name=conftest.COMPOSE_FILES, env_file=str(env_file),
+    compose = DockerCompose(REPO, compose_file_name=COMPOSE_FILES, env_file=str(env_file),
                             build=False, pull=False, wait=True)
     compose.stop()  # a previous run that was killed may have left the project behind
     try:
