@@ -17,7 +17,7 @@ up: ## Start the stack (checks prerequisites; CPU profile when there is no NVIDI
 	@scripts/up.sh
 
 down: ## Stop the stack (certificates and the model cache are kept)
-	docker compose down
+	docker compose down --remove-orphans
 
 logs: ## Follow the logs of all services
 	docker compose logs -f --tail 100
@@ -41,8 +41,10 @@ test-integration: $(VENV)/.installed ## The composed stack with the real vLLM en
 	scripts/build-images.sh
 	$(PYTEST) tests/integration
 
-bench: $(VENV)/.installed ## Benchmark direct vs proxy vs Caddy + proxy on loopback (not a test; ~10 min)
+bench: $(VENV)/.installed ## Benchmark direct vs proxy vs Caddy + proxy, and the real engine (not a test; ~14 min)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/bench/requirements.txt
+	scripts/ensure-docker.sh
+	scripts/build-images.sh
 	$(VENV)/bin/python tests/bench/run_bench.py $(BENCH_ARGS)
 
 $(VENV)/.installed: tests/requirements.txt proxy/requirements.txt

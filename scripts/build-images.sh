@@ -2,7 +2,7 @@
 # Build every image the test stack needs from Debian and PyPI packages only:
 # no container registry is reachable. Docker's layer cache (and a script hash
 # for the base) makes a rerun with unchanged inputs take seconds.
-# Usage: scripts/build-images.sh [base] [caddy] [proxy] [vllm]   (default: all)
+# Usage: scripts/build-images.sh [base] [caddy] [proxy] [limits] [vllm]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,10 +10,11 @@ BASE=dce-base:bookworm
 CADDY=dce-caddy:2.11.7
 PROXY=dce-proxy:local
 VLLM=dce-vllm-cpu:0.32.0-tiny
+LIMITS=dce-redis:7.0.15
 
-wanted=" ${*:-base caddy proxy vllm} "
+wanted=" ${*:-base caddy proxy limits vllm} "
 for name in $wanted; do
-  [[ " base caddy proxy vllm " == *" $name "* ]] || { echo "unknown image: $name (base|caddy|proxy|vllm)" >&2; exit 2; }
+  [[ " base caddy proxy limits vllm " == *" $name "* ]] || { echo "unknown image: $name (base|caddy|proxy|limits|vllm)" >&2; exit 2; }
 done
 
 scripts/ensure-docker.sh >/dev/null
@@ -60,6 +61,10 @@ if [[ $wanted == *" proxy "* ]]; then
     report "$PROXY" "skipped" 0
     echo "  (proxy/Dockerfile does not exist yet)"
   fi
+fi
+
+if [[ $wanted == *" limits "* ]]; then
+  build "$LIMITS" limits/
 fi
 
 if [[ $wanted == *" vllm "* ]]; then

@@ -38,13 +38,19 @@ else
   say "no NVIDIA GPU found: starting the CPU profile (compose.cpu.yaml, a small model on the CPU)"
 fi
 
+workers=$(env_value DCE_PROXY_WORKERS); workers=${workers:-1}
+if (( workers > 1 )); then
+  files+=(-f compose.scale.yaml)
+  say "$workers proxy workers: their limits are shared through Redis (compose.scale.yaml)"
+fi
+
 # Hosts that reach no registry (air-gapped, or this CI kind) run the locally built equivalents.
 caddy_image=$(env_value CADDY_IMAGE); caddy_image=${caddy_image:-caddy:2.11.7}
 build=(--build)
 if ! docker image inspect "$caddy_image" >/dev/null 2>&1 && ! docker pull -q "$caddy_image" >/dev/null 2>&1; then
   say "cannot pull $caddy_image: using locally built images (scripts/build-images.sh)"
   scripts/build-images.sh
-  export CADDY_IMAGE=dce-caddy:2.11.7 PROXY_IMAGE=dce-proxy:local
+  export CADDY_IMAGE=dce-caddy:2.11.7 PROXY_IMAGE=dce-proxy:local LIMITS_IMAGE=dce-redis:7.0.15
   build=()
 fi
 if [[ " ${files[*]} " == *" compose.cpu.yaml "* ]]; then

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -63,6 +64,7 @@ def init_access_log(app: Flask) -> None:
             "route": request.url_rule.rule if request.url_rule else "unmatched",
             "status": response.status_code,
             "key_id": g.get("client_id"),
+            "worker": os.getpid(),
             "stream": response.mimetype == "text/event-stream",
         }
         counts = request.environ.setdefault("dce.stats", {})

@@ -81,11 +81,11 @@ def _check_consistency(settings: Settings) -> None:
         )
     if settings.default_n > settings.max_n:
         raise ConfigError(f"DCE_DEFAULT_N ({settings.default_n}) is above DCE_MAX_N ({settings.max_n})")
-    if settings.workers > 1 and settings.ratelimit_storage_uri.startswith("memory://"):
+    if settings.workers > 1 and not settings.ratelimit_storage_uri.startswith(("redis://", "rediss://")):
         # Each worker would count on its own: limits would silently multiply by the worker count.
         raise ConfigError(
-            "DCE_PROXY_WORKERS > 1 needs a shared DCE_RATELIMIT_STORAGE_URI (e.g. redis://...); "
-            "with memory:// the limits would hold per worker, not for the service"
+            "DCE_PROXY_WORKERS > 1 needs the limits shared in Redis: DCE_RATELIMIT_STORAGE_URI=redis://...; "
+            f"with {settings.ratelimit_storage_uri.split(':')[0]}:// they would hold per worker, not for the service"
         )
 
 

@@ -22,7 +22,10 @@ from testcontainers.compose import DockerCompose
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "dce-test"
-COMPOSE_FILES = ["compose.yaml", "compose.cpu.yaml", "compose.test.yaml"]
+# Two proxy workers sharing their limits in Redis (compose.scale.yaml): limits must hold across
+# workers, and a killed worker must not take the other's streams down. One worker, the default, is
+# what the unit suite runs under gunicorn.
+COMPOSE_FILES = ["compose.yaml", "compose.cpu.yaml", "compose.scale.yaml", "compose.test.yaml"]
 CADDY_ROOT_CA = "/data/caddy/pki/authorities/local/root.crt"
 
 
@@ -105,6 +108,8 @@ def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Pat
         "CADDY_IMAGE=dce-caddy:2.11.7",
         "PROXY_IMAGE=dce-proxy:local",
         "VLLM_CPU_IMAGE=dce-vllm-cpu:0.32.0-tiny",
+        "LIMITS_IMAGE=dce-redis:7.0.15",
+        "DCE_PROXY_WORKERS=2",
         f"DCE_API_KEYS_SECRET={keys}",
         f"HF_TOKEN_SECRET={token}",
         "DCE_MAX_CONCURRENT=20",

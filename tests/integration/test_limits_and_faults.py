@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import subprocess
 import threading
@@ -12,6 +13,7 @@ import figures
 import pytest
 
 from dce_client import extension_body, post_like_extension
+from dce_proxy.slots import LEASE_SECONDS
 
 CAP = 20  # DCE_MAX_CONCURRENT in the test stack (the default)
 
@@ -33,6 +35,11 @@ def test_three_times_the_concurrency_cap_admits_exactly_the_cap(stack):
     assert statuses.count(200) == CAP, statuses
     assert statuses.count(429) == 2 * CAP, statuses
     assert all(result.finish_reason == "length" for result in results if result.status == 200)
+    # The race was decided across both workers (the test stack runs two), through Redis.
+    lines = stack.container("proxy").logs().decode(errors="replace").splitlines()
+    workers = {json.loads(line)["worker"] for line in lines
+               if '"key_id": "other"' in line and '"route": "/api/dce/proxy"' in line}
+    assert len(workers) == 2, workers
 
 
 def _started_at(stack, service):
@@ -107,19 +114,102 @@ def test_vllm_killed_mid_stream_ends_streams_then_recovers_without_proxy_restart
     figures.add("faults_survived", 1)
 
 
+# Runs in the proxy container, straight to gunicorn (Caddy would reuse its pooled connections,
+# all of which may belong to one worker): streams opened 0.2 s apart, so that both workers accept
+# some. Once all stream, it counts each worker's connections to vLLM (port 8000 = 0x1F40; vLLM
+# closes idle ones after 5 s, so these are the running streams), kills the busiest worker and
+# prints {held: {pid: streams}, victim, leases_after_kill (live slot leases of the key), results}.
+_STREAMS_ACROSS_WORKERS_THEN_KILL = """
+import json, os, pathlib, signal, threading, time, urllib.request
+STREAMS, URL, BODY = {streams}, {url!r}, {body!r}
+streaming = threading.Barrier(STREAMS + 1, timeout=120)
+results = [None] * STREAMS
+
+def stream(i):
+    result = dict(events=0, done=False, finish=None, errors=0, cut=False)
+    results[i] = result
+    request = urllib.request.Request(URL, data=BODY.encode(), headers={{'Content-Type': 'application/json'}})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            for line in response:
+                if line.startswith(b'data: [DONE]'):
+                    result['done'] = True
+                elif line.startswith(b'data: '):
+                    event = json.loads(line[6:])
+                    result['errors'] += 'error' in event
+                    for choice in event.get('choices', []):
+                        result['finish'] = choice.get('finish_reason') or result['finish']
+                    result['events'] += 1
+                    if result['events'] == 1:
+                        streaming.wait()
+    except Exception:
+        result['cut'] = True
+
+threads = [threading.Thread(target=stream, args=(i,)) for i in range(STREAMS)]
+for thread in threads:
+    thread.start()
+    time.sleep(0.2)
+streaming.wait()
+upstream = {{line.split()[9] for line in open('/proc/net/tcp').read().splitlines()[1:]
+            if line.split()[3] == '01' and line.split()[2].endswith(':1F40')}}
+def held(pid):
+    links = []
+    for fd in pathlib.Path(f'/proc/{{pid}}/fd').iterdir():
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            pass
+    return sum(link[8:-1] in upstream for link in links if link.startswith('socket:['))
+workers = [int(p.name) for p in pathlib.Path('/proc').iterdir() if p.name.isdigit()
+           and (p / 'stat').read_text().split(')')[1].split()[1] == '1']
+counts = {{pid: held(pid) for pid in workers}}
+victim = max(counts, key=counts.get)
+os.kill(victim, signal.SIGKILL)
+import redis
+leases = redis.Redis.from_url('redis://limits:6379/0').eval({live_leases!r}, 1, {slots_key!r})
+for thread in threads:
+    thread.join()
+print(json.dumps(dict(held=counts, victim=victim, leases_after_kill=leases, results=results)))
+"""
+
+# Runs in the limits container: leases of one client's slots that have not lapsed.
+_LIVE_LEASES = "return redis.call('ZCOUNT', KEYS[1], redis.call('TIME')[1], '+inf')"
+
+
+def _live_leases(stack, client: str) -> int:
+    result = stack.container("limits").exec_run(["redis-cli", "EVAL", _LIVE_LEASES, "1", f"dce-slots/{client}"])
+    assert result.exit_code == 0, result.output
+    return int(result.output)
+
+
 @pytest.mark.disruptive
-def test_killed_proxy_worker_is_replaced(stack, session):
-    find_and_kill_worker = (
-        "import os, signal, pathlib\n"
-        "workers = [int(p.name) for p in pathlib.Path('/proc').iterdir() if p.name.isdigit()\n"
-        "           and (p / 'stat').read_text().split(')')[1].split()[1] == '1']\n"
-        "os.kill(workers[0], signal.SIGKILL); print(workers[0])\n")
-    code, out = stack.exec_python("proxy", find_and_kill_worker)
+def test_killed_proxy_worker_spares_the_other_workers_streams_and_its_slots_come_back(stack):
+    streams = 12
+    # As long as the model allows, so that the first streams still run when the last one starts.
+    body = extension_body("Keep going.", max_tokens=4096, ignore_eos=True)
+    code, out = stack.exec_python("proxy", _STREAMS_ACROSS_WORKERS_THEN_KILL.format(
+        streams=streams, url=f"http://127.0.0.1:8000/k/{stack.load_keys[0]}/api/dce/proxy", body=json.dumps(body),
+        live_leases=_LIVE_LEASES, slots_key="dce-slots/load0"))
     assert code == 0, out
+    killed = json.loads(out)
+    held = {int(pid): count for pid, count in killed["held"].items()}
+    assert len(held) == 2, held  # the test stack runs two workers
+    spared = sum(count for pid, count in held.items() if pid != killed["victim"])
+    assert spared >= 1, f"every stream was on one worker, nothing to compare: {held}"
+    complete = [r for r in killed["results"] if r["done"] and not r["errors"] and not r["cut"]]
+    assert all(r["finish"] == "length" for r in complete)
+    # The other worker's streams ran to their end; the killed worker's broke off visibly.
+    assert len(complete) >= spared, (held, killed["results"])
+    assert len(complete) < streams, "no stream was cut: the kill missed"
+
+    # A new worker takes over. The dead worker could not free its slots (they outlived it in Redis);
+    # their leases lapse without anyone's help, and the key has its whole cap again.
     _wait_until(lambda: _ready(stack), 30, "a new proxy worker")
-    response = session.get(f"{stack.base}/v1/models", headers={"X-API-Key": stack.key}, timeout=10)
-    assert response.status_code == 200
+    assert killed["leases_after_kill"] >= held[killed["victim"]], killed["leases_after_kill"]
+    _wait_until(lambda: _live_leases(stack, "load0") == 0, LEASE_SECONDS + 15, "the dead worker's slot leases to lapse")
     figures.add("faults_survived", 1)
+    print(f"worker {killed['victim']} killed, streams per worker {held}; {len(complete)} completed; "
+          f"{killed['leases_after_kill']} slot leases live right after the kill, all lapsed since")
 
 
 @pytest.mark.disruptive

@@ -72,3 +72,16 @@ def test_create_app_reads_os_environ_when_env_is_none(fake_vllm, monkeypatch):
     monkeypatch.delenv("DCE_OPEN_MODE", raising=False)
     c = create_app().test_client()
     assert c.get("/v1/models", headers=bearer(ALICE_KEY)).status_code == 200
+
+
+@pytest.mark.parametrize("storage", ["memory://", "memcached://cache:11211"])
+def test_several_workers_need_limits_shared_in_redis(make_app, storage):
+    with pytest.raises(config_error()) as exc:
+        make_app(DCE_PROXY_WORKERS="2", DCE_RATELIMIT_STORAGE_URI=storage)
+    assert "DCE_PROXY_WORKERS" in str(exc.value) and "redis://" in str(exc.value)
+
+
+def test_several_workers_with_redis_start_without_reaching_it(make_app):
+    # Redis is reached on the first limited request, not at start (compose orders the start-up).
+    app = make_app(DCE_PROXY_WORKERS="2", DCE_RATELIMIT_STORAGE_URI="redis://127.0.0.1:9/0")
+    assert type(app.extensions["dce_slots"]).__name__ == "LeasedSlots"

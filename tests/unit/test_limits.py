@@ -59,3 +59,21 @@ def test_open_mode_limits_by_the_last_forwarded_hop(make_app):
     assert_rate_limited(from_hops("192.0.2.99, 203.0.113.1"))
     # Another client (last hop differs) is not affected.
     assert from_hops("198.51.100.7, 203.0.113.2").status_code == 200
+
+
+def test_unreachable_redis_is_a_503_not_a_crash(make_app):
+    c = make_app(DCE_PROXY_WORKERS="2", DCE_RATELIMIT_STORAGE_URI="redis://127.0.0.1:9/0").test_client()
+    r = completions(c, bearer(ALICE_KEY))
+    assert_error(r, 503, type_="server_error")
+    assert r.get_json()["error"]["code"] == "limits_store_unavailable"
+    assert int(r.headers["Retry-After"]) >= 1
+    assert c.get("/healthz").status_code == 200
+
+
+def test_rate_limit_is_one_budget_across_routes(make_app):
+    c = make_app(DCE_RATE_LIMIT="3/minute").test_client()
+    assert completions(c, bearer(ALICE_KEY)).status_code == 200
+    assert c.get("/v1/models", headers=bearer(ALICE_KEY)).status_code == 200
+    assert c.post("/api/dce/generate", json={"prompt": "hi", "n": 1}, headers=bearer(ALICE_KEY)).status_code == 200
+    assert_rate_limited(c.post("/api/dce/proxy", json={"messages": [{"role": "user", "content": "hi"}]},
+                               headers=bearer(ALICE_KEY)))
