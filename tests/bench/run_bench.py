@@ -474,7 +474,8 @@ def hot_spots(collapsed: Path, top: int = 12) -> list[str]:
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
+        # A frame's text can span lines (py-spy prints some objects' repr); such fragments are skipped.
+        if not stack or not count.isdigit():
             continue
         samples = int(count)
         total += samples
