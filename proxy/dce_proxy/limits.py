@@ -12,6 +12,8 @@ from flask_limiter import Limiter, RateLimitExceeded
 from .errors import too_many
 from .slots import Release, limits_store_unavailable, slot_store
 
+# Where a view's request keeps the callback that frees its generation slot (see the relay).
+GENERATION_ENDED = "dce.generation_ended"
 # A finished stream frees its slot at once; this only tells clients when to look again.
 _SLOT_RETRY_AFTER = 2
 
@@ -66,12 +68,18 @@ def holds_generation_slot(view):
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
         release = acquire_slot()
+        # The relay frees the slot the moment vLLM's stream ends, before the client gets the last
+        # bytes: a client that starts its next generation at once must find the slot free.
+        request.environ[GENERATION_ENDED] = release
         try:
             response = view(*args, **kwargs)
         except BaseException:
             release()
             raise
-        response.call_on_close(release)
+        if response.is_streamed:
+            response.call_on_close(release)  # also when the client goes away mid-stream
+        else:
+            release()  # the whole answer is already read from vLLM
         return response
 
     return wrapper

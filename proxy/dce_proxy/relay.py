@@ -9,6 +9,7 @@ import urllib3
 from flask import Response, current_app, request
 
 from .errors import ApiError, upstream_garbage, upstream_unavailable
+from .limits import GENERATION_ENDED
 from .payload import fit_to_model
 from .sse import DONE, data_event, event_data, split_events
 from .upstream import UpstreamStreamError, iter_body, read_all
@@ -73,20 +74,30 @@ def _stream_response(upstream: urllib3.BaseHTTPResponse, body: Iterator[bytes]) 
     return response
 
 
+def _generation_ended() -> Callable[[], None]:
+    """What frees the request's generation slot (limits.holds_generation_slot); callable more than once."""
+    return request.environ.get(GENERATION_ENDED) or (lambda: None)
+
+
 def passthrough_stream(upstream: urllib3.BaseHTTPResponse, error_event: ErrorEvent) -> Response:
     """Bytes go out exactly as vLLM sent them, each chunk as soon as it arrives."""
     _require_event_stream(upstream)
+    ended = _generation_ended()
 
     def body() -> Iterator[bytes]:
         tail = b""
         try:
             for chunk in iter_body(upstream):
                 tail = (tail + chunk)[-len(DONE) - 4:]
+                if DONE.strip() in tail:
+                    ended()
                 yield chunk
         except UpstreamStreamError as exc:
+            ended()
             yield error_event(exc.error) + DONE
             return
         if DONE.strip() not in tail:
+            ended()
             yield error_event(upstream_unavailable("vLLM ended the stream before it was complete.")) + DONE
 
     return _stream_response(upstream, body())
@@ -95,35 +106,45 @@ def passthrough_stream(upstream: urllib3.BaseHTTPResponse, error_event: ErrorEve
 def rewritten_stream(upstream: urllib3.BaseHTTPResponse, rewrite: EventRewriter, error_event: ErrorEvent) -> Response:
     """Each upstream event is decoded, rewritten and sent on its own, as soon as it is complete."""
     _require_event_stream(upstream)
+    ended = _generation_ended()
 
     def body() -> Iterator[bytes]:
-        try:
-            for event in split_events(iter_body(upstream)):
-                data = event_data(event)
-                if data is None:
-                    continue
-                if data.strip() == b"[DONE]":
-                    yield DONE
-                    return
-                try:
-                    payload = json.loads(data)
-                except ValueError:
-                    payload = None
-                if not isinstance(payload, dict):
-                    yield error_event(upstream_garbage("vLLM sent an event that is not a JSON object.")) + DONE
-                    return
-                if "error" in payload:
-                    yield data_event(payload) + DONE
-                    return
-                out = rewrite(payload)
-                if out:
-                    yield out
-        except UpstreamStreamError as exc:
-            yield error_event(exc.error) + DONE
-            return
-        yield error_event(upstream_unavailable("vLLM ended the stream before it was complete.")) + DONE
+        for out in _rewritten_events(upstream, rewrite, error_event):
+            if out.endswith(DONE):
+                ended()
+            yield out
 
     return _stream_response(upstream, body())
+
+
+def _rewritten_events(upstream: urllib3.BaseHTTPResponse, rewrite: EventRewriter,
+                      error_event: ErrorEvent) -> Iterator[bytes]:
+    """The client's events, one by one; the last one always ends with DONE."""
+    try:
+        for event in split_events(iter_body(upstream)):
+            data = event_data(event)
+            if data is None:
+                continue
+            if data.strip() == b"[DONE]":
+                yield DONE
+                return
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                payload = None
+            if not isinstance(payload, dict):
+                yield error_event(upstream_garbage("vLLM sent an event that is not a JSON object.")) + DONE
+                return
+            if "error" in payload:
+                yield data_event(payload) + DONE
+                return
+            out = rewrite(payload)
+            if out:
+                yield out
+    except UpstreamStreamError as exc:
+        yield error_event(exc.error) + DONE
+        return
+    yield error_event(upstream_unavailable("vLLM ended the stream before it was complete.")) + DONE
 
 
 def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: EventRewriter | None = None,

@@ -77,3 +77,35 @@ def test_rate_limit_is_one_budget_across_routes(make_app):
     assert c.post("/api/dce/generate", json={"prompt": "hi", "n": 1}, headers=bearer(ALICE_KEY)).status_code == 200
     assert_rate_limited(c.post("/api/dce/proxy", json={"messages": [{"role": "user", "content": "hi"}]},
                                headers=bearer(ALICE_KEY)))
+
+
+STREAMS = {
+    "/api/dce/proxy": {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+    "/api/dce/generate": {"prompt": "hi", "n": 1, "stream": True},
+}
+
+
+@pytest.mark.parametrize("route", STREAMS)
+def test_the_slot_is_free_when_the_stream_ends_before_the_client_closes(make_app, route):
+    # A client (or Caddy, for another client connection) may send the next generation the moment
+    # [DONE] arrives, before this response is closed: the slot must already be free then.
+    c = make_app(DCE_MAX_CONCURRENT="1").test_client()
+    first = c.post(route, json=STREAMS[route], headers=bearer(ALICE_KEY), buffered=False)
+    assert first.status_code == 200
+    for chunk in first.response:
+        if b"[DONE]" in chunk:
+            break
+    else:
+        pytest.fail("no [DONE] in the stream")
+    assert completions(c, bearer(ALICE_KEY)).status_code == 200
+    first.close()
+
+
+def test_the_slot_is_held_while_the_stream_runs(make_app):
+    c = make_app(DCE_MAX_CONCURRENT="1").test_client()
+    first = c.post("/api/dce/proxy", json=STREAMS["/api/dce/proxy"], headers=bearer(ALICE_KEY), buffered=False)
+    next(iter(first.response))
+    assert_rate_limited(completions(c, bearer(ALICE_KEY)))
+    first.close()
+    assert completions(c, bearer(ALICE_KEY)).status_code == 200
