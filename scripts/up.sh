@@ -25,7 +25,7 @@ if [[ ! -s $keys_file ]]; then
 fi
 [[ -f $token_file ]] || { mkdir -p "$(dirname "$token_file")"; (umask 022; : > "$token_file"); }
 
-files=(-f compose.yaml)
+files=(compose.yaml)
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   if ! docker info --format '{{json .Runtimes}}' | grep -q nvidia; then
     say "an NVIDIA GPU is present but Docker cannot use it: install the NVIDIA Container Toolkit"
@@ -34,13 +34,13 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   fi
   say "NVIDIA GPU found: vLLM runs $(env_value VLLM_MODEL) on it"
 else
-  files+=(-f compose.cpu.yaml)
+  files+=(compose.cpu.yaml)
   say "no NVIDIA GPU found: starting the CPU profile (compose.cpu.yaml, a small model on the CPU)"
 fi
 
 workers=$(env_value DCE_PROXY_WORKERS); workers=${workers:-1}
 if (( workers > 1 )); then
-  files+=(-f compose.scale.yaml)
+  files+=(compose.scale.yaml)
   say "$workers proxy workers: their limits are shared through Redis (compose.scale.yaml)"
 fi
 
@@ -63,7 +63,16 @@ EXTRA_CA_CERTS=${EXTRA_CA_CERTS:-$(cat /usr/local/share/ca-certificates/*.crt 2>
 export EXTRA_CA_CERTS
 
 say "starting (the first start downloads the model: this can take a while)"
-docker compose "${files[@]}" up -d "${build[@]}" --wait --wait-timeout "${DCE_UP_TIMEOUT:-3600}"
+# Compose reads COMPOSE_FILE from .env: `make down`, `make logs` and any later `docker compose`
+# command then see the same services as this start.
+COMPOSE_FILE=$(IFS=:; echo "${files[*]}")
+export COMPOSE_FILE
+if grep -q '^COMPOSE_FILE=' .env; then
+  sed -i "s|^COMPOSE_FILE=.*|COMPOSE_FILE=$COMPOSE_FILE|" .env
+else
+  printf '\n# Set by `make up`: the compose files of this host (GPU or CPU profile, one or more proxy workers).\nCOMPOSE_FILE=%s\n' "$COMPOSE_FILE" >> .env
+fi
+docker compose up -d --remove-orphans "${build[@]}" --wait --wait-timeout "${DCE_UP_TIMEOUT:-3600}"
 
 port=$(env_value DCE_HTTPS_PORT); port=${port:-443}
 domain=$(env_value DCE_DOMAIN); domain=${domain:-localhost}

@@ -7,6 +7,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from dce_client import extension_body, post_like_extension
 
 BATCH = 10  # the extension fires this many requests at once
@@ -46,13 +48,20 @@ def test_aborting_one_stream_stops_its_generation_and_spares_the_others(stack):
 
         with stack.session() as session:
             result = post_like_extension(session, url, body, on_chunk=on_chunk)
+        if first:
+            started.abort()  # never streamed: fail now, with its answer, not after the timeout
         if index == 0:
             closed_at.append(time.time())
         return result
 
     with ThreadPoolExecutor(BATCH + 1) as pool:
         futures = [pool.submit(run, i) for i in range(BATCH)]
-        started.wait()
+        try:
+            started.wait()
+        except threading.BrokenBarrierError:
+            abort.set()
+            answers = [(f.result().status, f.result().errors[:1]) for f in futures]
+            pytest.fail(f"not all {BATCH} streams started: {answers}")
         assert stack.vllm_metric("vllm:num_requests_running") == BATCH
         watcher = pool.submit(stack.vllm_metric_samples, "vllm:num_requests_running", 8)
         time.sleep(1)  # let the watcher start sampling
