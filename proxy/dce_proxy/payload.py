@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from numbers import Real
-from typing import Any
 
 from flask import current_app, request
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
-import secrets
 import statistics
 import sys
 import tempfile
@@ -33,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import docker
 from testcontainers.compose import DockerCompose
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -64,14 +61,6 @@ PROMPT = ("# prompt.md\nYou curate this repository with the Data Curation Enviro
           "pass-through, or SSE rewritten per event.\n")
 
 
-class BenchStack(conftest.Stack):
-    def container(self, service: str):
-        # The suite's Stack looks for its own project's containers; this one is `dce-bench`.
-        labels = [f"com.docker.compose.project={PROJECT}", f"com.docker.compose.service={service}"]
-        (container,) = docker.from_env().containers.list(all=True, filters={"label": labels})
-        return container
-
-
 @contextmanager
 def only_run():
     """One engine run at a time on this machine: a second one would remove the first one's stack (it
@@ -92,30 +81,6 @@ def batch_bodies(path: str) -> list[dict]:
     return bodies
 
 
-def start_stack(tmp: Path) -> BenchStack:
-    os.environ["COMPOSE_PROJECT_NAME"] = PROJECT
-    os.environ["COMPOSE_BAKE"] = "false"
-    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
-    key, other_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    env_file = conftest._write_env(tmp, key, other_key, [])
-    compose = DockerCompose(REPO, compose_file_name=COMPOSE_FILES, env_file=str(env_file),
-                            build=False, pull=False, wait=True)
-    compose.stop()  # a previous run that was killed may have left the project behind
-    try:
-        compose.start()
-        caddy = compose.get_container("caddy")
-        stack = BenchStack(compose=compose, https_port=int(caddy.get_publisher(by_port=443, by_host="127.0.0.1").PublishedPort),
-                           http_port=int(caddy.get_publisher(by_port=80, by_host="127.0.0.1").PublishedPort),
-                           ca_file=str(tmp / "caddy-root.crt"), key=key, other_key=other_key, load_keys=[],
-                           keys_file=tmp / "dce_api_keys")
-        conftest._fetch_root_ca(stack, Path(stack.ca_file))
-        conftest._wait_ready(stack)
-    except BaseException:
-        stop_stack(compose, show_logs=True)
-        raise
-    return stack
-
-
 def stop_stack(compose: DockerCompose, show_logs: bool = False) -> None:
     if show_logs:
         stdout, stderr = compose.get_logs()
@@ -123,7 +88,7 @@ def stop_stack(compose: DockerCompose, show_logs: bool = False) -> None:
     compose.stop()  # down --volumes
 
 
-def cpu_seconds(stack: BenchStack) -> dict[str, float]:
+def cpu_seconds(stack: conftest.Stack) -> dict[str, float]:
     """CPU time used so far by each container (batch_client.py runs in the proxy's, so it counts there)
     and by the whole machine, and the wall clock."""
     def used(service: str) -> float:
@@ -138,7 +103,7 @@ def cpu_seconds(stack: BenchStack) -> dict[str, float]:
     return seconds
 
 
-def run_batch(stack: BenchStack, path: str, client_code: str) -> dict:
+def run_batch(stack: conftest.Stack, path: str, client_code: str) -> dict:
     env = {"BATCH_BODIES": json.dumps(batch_bodies(path))}
     if path == "direct":
         env["BATCH_URL"] = "http://vllm:8000/v1/chat/completions"
@@ -158,7 +123,7 @@ def run_batch(stack: BenchStack, path: str, client_code: str) -> dict:
     return result
 
 
-def measure(stack: BenchStack, rounds: int, deadline: float | None) -> tuple[dict[str, list[dict]], int]:
+def measure(stack: conftest.Stack, rounds: int, deadline: float | None) -> tuple[dict[str, list[dict]], int]:
     """Warm-up batches, then the rounds; returns each path's measured batches and the rounds skipped."""
     client_code = (BENCH_DIR / "batch_client.py").read_text()
     for path in PATHS:
@@ -227,7 +192,7 @@ def run(rounds: int = ROUNDS, deadline: float | None = None) -> list[str]:
     began = time.monotonic()
     with only_run(), tempfile.TemporaryDirectory(prefix="dce-bench-engine-") as tmp:
         print(f"engine run: starting the {PROJECT} stack (vLLM CPU engine) ...", flush=True)
-        stack = start_stack(Path(tmp))
+        stack = conftest.start_stack(Path(tmp), project=PROJECT, compose_files=COMPOSE_FILES, load_keys=0)
         took = {"start": time.monotonic() - began}
         try:
             results, skipped = measure(stack, rounds, deadline)

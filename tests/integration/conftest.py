@@ -8,7 +8,6 @@ usable the fixtures fail: these tests never skip.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ class Stack:
     # Ten more curators: a load beyond one key's DCE_MAX_CONCURRENT needs several keys.
     load_keys: list[str]
     keys_file: Path  # the proxy's Compose secret; a test may revoke a key in it
+    project: str = PROJECT
 
     @property
     def base(self) -> str:
@@ -55,7 +55,7 @@ class Stack:
 
     def container(self, service: str):
         # By label, not through testcontainers: it only finds running containers.
-        labels = [f"com.docker.compose.project={PROJECT}", f"com.docker.compose.service={service}"]
+        labels = [f"com.docker.compose.project={self.project}", f"com.docker.compose.service={service}"]
         (container,) = docker.from_env().containers.list(all=True, filters={"label": labels})
         return container
 
@@ -146,34 +146,41 @@ def _wait_ready(stack: Stack) -> None:
     raise AssertionError(f"stack not ready through Caddy: {last}")
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Stack:
-    os.environ["COMPOSE_PROJECT_NAME"] = PROJECT
+def start_stack(tmp: Path, *, project: str = PROJECT, compose_files: list[str] = COMPOSE_FILES,
+                load_keys: int = 10) -> Stack:
+    """Composes a stack (after removing one a killed run may have left) and waits until it answers
+    through Caddy. On failure it prints the logs and removes the stack."""
+    os.environ["COMPOSE_PROJECT_NAME"] = project
     os.environ["COMPOSE_BAKE"] = "false"
     os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
-    tmp = tmp_path_factory.mktemp("stack")
     key, other_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    load_keys = [secrets.token_urlsafe(24) for _ in range(10)]
-    env_file = _write_env(tmp, key, other_key, load_keys)
-    compose = DockerCompose(REPO, compose_file_name=COMPOSE_FILES, env_file=str(env_file),
+    load_key_list = [secrets.token_urlsafe(24) for _ in range(load_keys)]
+    env_file = _write_env(tmp, key, other_key, load_key_list)
+    compose = DockerCompose(REPO, compose_file_name=compose_files, env_file=str(env_file),
                             build=False, pull=False, wait=True)
-    compose.stop()  # a previous run that was killed may have left the project behind
+    compose.stop()
     try:
         compose.start()
         caddy = compose.get_container("caddy")
         stack = Stack(compose=compose, https_port=int(caddy.get_publisher(by_port=443, by_host="127.0.0.1").PublishedPort),
                       http_port=int(caddy.get_publisher(by_port=80, by_host="127.0.0.1").PublishedPort),
-                      ca_file=str(tmp / "caddy-root.crt"), key=key, other_key=other_key, load_keys=load_keys,
-                      keys_file=tmp / "dce_api_keys")
+                      ca_file=str(tmp / "caddy-root.crt"), key=key, other_key=other_key, load_keys=load_key_list,
+                      keys_file=tmp / "dce_api_keys", project=project)
         _fetch_root_ca(stack, Path(stack.ca_file))
         _wait_ready(stack)
-    except Exception:
+    except BaseException:
         stdout, stderr = compose.get_logs()
-        print(f"--- stack logs ---\n{stdout[-20000:]}\n{stderr[-5000:]}")
+        print(f"--- {project} stack logs ---\n{stdout[-20000:]}\n{stderr[-5000:]}", flush=True)
         compose.stop()
         raise
+    return stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Stack:
+    stack = start_stack(tmp_path_factory.mktemp("stack"))
     yield stack
-    compose.stop()
+    stack.compose.stop()
 
 
 def pytest_terminal_summary(terminalreporter):
