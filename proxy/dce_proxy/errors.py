@@ -76,6 +76,11 @@ def upstream_garbage(message: str) -> ApiError:
     return ApiError(502, message, "upstream_error", "bad_upstream_response")
 
 
+def limits_store_unavailable() -> ApiError:
+    return ApiError(503, "The limits store (Redis) is not reachable; try again shortly.",
+                    "server_error", "limits_store_unavailable", retry_after=5)
+
+
 def json_response(body: dict, status: int) -> Response:
     return Response(json.dumps(body), status=status, mimetype="application/json")
 

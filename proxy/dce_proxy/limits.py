@@ -9,8 +9,8 @@ import redis
 from flask import Flask, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded
 
-from .errors import too_many
-from .slots import Release, limits_store_unavailable, slot_store
+from .errors import limits_store_unavailable, too_many
+from .slots import Release, once, slot_store
 
 # Where a view's request keeps the callback that frees its generation slot (see the relay).
 GENERATION_ENDED = "dce.generation_ended"
@@ -58,7 +58,7 @@ def acquire_slot() -> Release:
     if release is None:
         raise too_many(f"Too many generations in flight for this key (limit {cap}). "
                        "Wait for one to finish.", "too_many_concurrent_requests", _SLOT_RETRY_AFTER)
-    return release
+    return once(release)
 
 
 def holds_generation_slot(view):

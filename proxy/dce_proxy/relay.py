@@ -68,36 +68,38 @@ def _require_event_stream(upstream: urllib3.BaseHTTPResponse) -> None:
 
 
 def _stream_response(upstream: urllib3.BaseHTTPResponse, body: Iterator[bytes]) -> Response:
-    response = Response(body, mimetype="text/event-stream", headers=_STREAM_HEADERS)
+    ended = request.environ.get(GENERATION_ENDED) or (lambda: None)  # read now: the body runs after the view
+    response = Response(_freeing_slot_at_done(body, ended), mimetype="text/event-stream", headers=_STREAM_HEADERS)
     # Closing the upstream socket is what makes vLLM abort the generation and free the GPU.
     response.call_on_close(upstream.close)
     return response
 
 
-def _generation_ended() -> Callable[[], None]:
-    """What frees the request's generation slot (limits.holds_generation_slot); callable more than once."""
-    return request.environ.get(GENERATION_ENDED) or (lambda: None)
+def _freeing_slot_at_done(body: Iterator[bytes], ended: Callable[[], None]) -> Iterator[bytes]:
+    """Frees the request's generation slot (limits.holds_generation_slot) as the final DONE goes
+    out, before the client has it: a client that starts its next generation at once finds it free."""
+    tail = b""
+    for piece in body:
+        tail = (tail + piece)[-len(DONE) - 4:]
+        if DONE.strip() in tail:
+            ended()
+        yield piece
 
 
 def passthrough_stream(upstream: urllib3.BaseHTTPResponse, error_event: ErrorEvent) -> Response:
     """Bytes go out exactly as vLLM sent them, each chunk as soon as it arrives."""
     _require_event_stream(upstream)
-    ended = _generation_ended()
 
     def body() -> Iterator[bytes]:
         tail = b""
         try:
             for chunk in iter_body(upstream):
                 tail = (tail + chunk)[-len(DONE) - 4:]
-                if DONE.strip() in tail:
-                    ended()
                 yield chunk
         except UpstreamStreamError as exc:
-            ended()
             yield error_event(exc.error) + DONE
             return
         if DONE.strip() not in tail:
-            ended()
             yield error_event(upstream_unavailable("vLLM ended the stream before it was complete.")) + DONE
 
     return _stream_response(upstream, body())
@@ -106,45 +108,35 @@ def passthrough_stream(upstream: urllib3.BaseHTTPResponse, error_event: ErrorEve
 def rewritten_stream(upstream: urllib3.BaseHTTPResponse, rewrite: EventRewriter, error_event: ErrorEvent) -> Response:
     """Each upstream event is decoded, rewritten and sent on its own, as soon as it is complete."""
     _require_event_stream(upstream)
-    ended = _generation_ended()
 
     def body() -> Iterator[bytes]:
-        for out in _rewritten_events(upstream, rewrite, error_event):
-            if out.endswith(DONE):
-                ended()
-            yield out
+        try:
+            for event in split_events(iter_body(upstream)):
+                data = event_data(event)
+                if data is None:
+                    continue
+                if data.strip() == b"[DONE]":
+                    yield DONE
+                    return
+                try:
+                    payload = json.loads(data)
+                except ValueError:
+                    payload = None
+                if not isinstance(payload, dict):
+                    yield error_event(upstream_garbage("vLLM sent an event that is not a JSON object.")) + DONE
+                    return
+                if "error" in payload:
+                    yield data_event(payload) + DONE
+                    return
+                out = rewrite(payload)
+                if out:
+                    yield out
+        except UpstreamStreamError as exc:
+            yield error_event(exc.error) + DONE
+            return
+        yield error_event(upstream_unavailable("vLLM ended the stream before it was complete.")) + DONE
 
     return _stream_response(upstream, body())
-
-
-def _rewritten_events(upstream: urllib3.BaseHTTPResponse, rewrite: EventRewriter,
-                      error_event: ErrorEvent) -> Iterator[bytes]:
-    """The client's events, one by one; the last one always ends with DONE."""
-    try:
-        for event in split_events(iter_body(upstream)):
-            data = event_data(event)
-            if data is None:
-                continue
-            if data.strip() == b"[DONE]":
-                yield DONE
-                return
-            try:
-                payload = json.loads(data)
-            except ValueError:
-                payload = None
-            if not isinstance(payload, dict):
-                yield error_event(upstream_garbage("vLLM sent an event that is not a JSON object.")) + DONE
-                return
-            if "error" in payload:
-                yield data_event(payload) + DONE
-                return
-            out = rewrite(payload)
-            if out:
-                yield out
-    except UpstreamStreamError as exc:
-        yield error_event(exc.error) + DONE
-        return
-    yield error_event(upstream_unavailable("vLLM ended the stream before it was complete.")) + DONE
 
 
 def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: EventRewriter | None = None,

@@ -12,7 +12,7 @@ from typing import Callable
 
 import redis
 
-from .errors import ApiError
+from .errors import limits_store_unavailable
 
 log = logging.getLogger("dce_proxy")
 
@@ -46,11 +46,6 @@ return #KEYS
 """
 
 
-def limits_store_unavailable() -> ApiError:
-    return ApiError(503, "The limits store (Redis) is not reachable; try again shortly.",
-                    "server_error", "limits_store_unavailable", retry_after=5)
-
-
 class LocalSlots:
     """One worker: a counter in this process is exact."""
 
@@ -70,7 +65,7 @@ class LocalSlots:
                 if not self._held[client]:
                     del self._held[client]
 
-        return _once(release)
+        return release
 
 
 class LeasedSlots:
@@ -102,7 +97,7 @@ class LeasedSlots:
             except redis.RedisError:
                 log.warning("could not free a slot in Redis; its lease lapses within %d s", LEASE_SECONDS)
 
-        return _once(release)
+        return release
 
     def _start_renewer(self):
         # Started on first use, in the worker that holds the leases (gunicorn forks after import).
@@ -122,7 +117,8 @@ class LeasedSlots:
                 log.warning("could not renew %d slot lease(s) in Redis", len(held))
 
 
-def _once(release: Release) -> Release:
+def once(release: Release) -> Release:
+    """The same release, safe to call from every place that may end a generation."""
     done = False
 
     def release_once():
