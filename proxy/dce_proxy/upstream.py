@@ -16,7 +16,8 @@ from .errors import ApiError, upstream_garbage, upstream_timeout, upstream_unava
 
 # vLLM can be swapped for another model without a proxy restart; re-read its model list this often.
 _MODELS_TTL_SECONDS = 30
-_READINESS_TIMEOUT_SECONDS = 3
+# A readiness probe, or a refresh that can fall back on the list already known, waits no longer.
+_MODELS_QUICK_TIMEOUT_SECONDS = 3
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,6 @@ class Upstream:
         # No retries: a POST may already be generating. Not blocking: every stream gets a connection.
         self._pool = urllib3.connection_from_url(settings.vllm_url, maxsize=2048, block=False, retries=False,
                                                  timeout=self._timeout)
-        self._readiness_timeout = urllib3.Timeout(connect=settings.connect_timeout, read=_READINESS_TIMEOUT_SECONDS)
         self._models: ModelInfo | None = None
         self._models_fetched_at = 0.0
         self._models_lock = threading.Lock()
@@ -55,19 +55,33 @@ class Upstream:
     # -- model discovery -------------------------------------------------------------------
 
     def models(self, *, fresh: bool = False) -> ModelInfo:
+        """vLLM's served models, re-read every _MODELS_TTL_SECONDS or at once when `fresh`.
+
+        A busy engine can be slow to list its models while it generates for hundreds of streams;
+        a request then goes on with the list already known rather than failing on the refresh.
+        """
         with self._models_lock:
-            stale = time.monotonic() - self._models_fetched_at > _MODELS_TTL_SECONDS
-            if self._models is None or stale or fresh:
-                self._models = self._fetch_models()
-                self._models_fetched_at = time.monotonic()
+            known = self._models
+            if known is not None and not fresh and time.monotonic() - self._models_fetched_at <= _MODELS_TTL_SECONDS:
+                return known
+            quick = known is not None or fresh
+            try:
+                self._models = self._fetch_models(quick=quick)
+            except ApiError:
+                if known is None or fresh:
+                    raise
+            # After a failed refresh too: the next try waits a full TTL rather than slowing every request.
+            self._models_fetched_at = time.monotonic()
             return self._models
 
     def forget_models(self) -> None:
         with self._models_lock:
             self._models = None
 
-    def _fetch_models(self) -> ModelInfo:
-        response = self.request("GET", "/v1/models", timeout=self._readiness_timeout)
+    def _fetch_models(self, *, quick: bool) -> ModelInfo:
+        timeout = urllib3.Timeout(connect=self._timeout.connect_timeout, read=_MODELS_QUICK_TIMEOUT_SECONDS) \
+            if quick else None
+        response = self.request("GET", "/v1/models", timeout=timeout)
         try:
             cards = json.loads(response.data)["data"]
             served = tuple(str(card["id"]) for card in cards)

@@ -14,6 +14,7 @@ Controls (plain attributes, reset between tests by `reset()`):
   n_chunks         content chunks per choice (capped by max_tokens)
   chunk_interval   seconds between two stream events
   header_delay     seconds to wait before sending the status line
+  models_delay     the same, for /v1/models (a busy engine lists its models slowly)
   reasoning        emit `n_reasoning_chunks` reasoning deltas before content
   reasoning_field  "reasoning" (vLLM 0.32) or "reasoning_content" (older)
   word             text of the content chunks (choice i, chunk j -> f"{word}{i}.{j} ")
@@ -52,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "n_chunks": 3,
     "chunk_interval": 0.0,
     "header_delay": 0.0,
+    "models_delay": 0.0,
     "reasoning": False,
     "reasoning_field": "reasoning",
     "n_reasoning_chunks": 2,
@@ -268,6 +270,11 @@ class _Handler(BaseHTTPRequestHandler):
         if rec.path == "/health":
             return self._send_json(rec, 200, None, raw=b"")
         if rec.path == "/v1/models":
+            try:
+                self._pause(cfg["models_delay"])
+            except _Disconnected:
+                self.close_connection = True
+                return None
             return self._send_json(rec, 200, models_body(cfg["model_ids"], cfg["max_model_len"]))
         return self._send_json(rec, 404, {"detail": "Not Found"})
 

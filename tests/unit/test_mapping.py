@@ -92,3 +92,26 @@ def test_other_fields_reach_upstream_unchanged(client, fake_vllm):
     assert chat(client, **extra).status_code == 200
     sent = fake_vllm.last_body
     assert {k: sent.get(k) for k in extra} == extra
+
+
+def test_a_slow_model_list_refresh_falls_back_on_the_known_list(make_app, fake_vllm, monkeypatch):
+    # Under the load test's 200 streams, the CPU engine once took over 3 s to list its models and
+    # the refresh, not the generation, failed a stream with 504.
+    from dce_proxy import upstream
+    monkeypatch.setattr(upstream, "_MODELS_QUICK_TIMEOUT_SECONDS", 0.3)
+    c = make_app().test_client()
+    assert chat(c).status_code == 200  # learns the model list
+    monkeypatch.setattr(upstream, "_MODELS_TTL_SECONDS", 0)
+    fake_vllm.models_delay = 1
+    r = chat(c)
+    assert r.status_code == 200, r.data
+    assert fake_vllm.last_body["model"] == "tiny"
+    assert_error(c.get("/readyz"), 503)  # the probe still says the engine is slow
+
+
+def test_a_slow_first_model_list_is_waited_for(make_app, fake_vllm, monkeypatch):
+    from dce_proxy import upstream
+    monkeypatch.setattr(upstream, "_MODELS_QUICK_TIMEOUT_SECONDS", 0.3)
+    fake_vllm.models_delay = 1  # nothing known to fall back on: wait as for any answer
+    r = chat(make_app().test_client())
+    assert r.status_code == 200, r.data
