@@ -24,6 +24,13 @@ if [[ ! -s $keys_file ]]; then
   say "created an API key in $keys_file: $(cut -d: -f2- "$keys_file")"
 fi
 [[ -f $token_file ]] || { mkdir -p "$(dirname "$token_file")"; (umask 022; : > "$token_file"); }
+# Secrets are bind mounts: the proxy's and vLLM's unprivileged users read them with the host's modes.
+for secret in "$keys_file" "$token_file"; do
+  if [[ $(( 8#$(stat -c %a "$secret") & 4 )) == 0 ]]; then
+    say "$secret is unreadable by the containers' unprivileged users: chmod 0644 $secret (its folder keeps others out: chmod 0700 $(dirname "$secret"))"
+    exit 1
+  fi
+done
 
 files=(compose.yaml)
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then

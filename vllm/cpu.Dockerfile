@@ -38,7 +38,11 @@ RUN /opt/venv/bin/python /tmp/make_tiny_model.py /models/tiny && chmod -R a+rX /
 # A fresh stage: the torch wheel and the build args (CA certs) stay behind.
 FROM ${BASE_IMAGE}
 RUN apt-get update && apt-get install -y libnuma1 && rm -rf /var/lib/apt/lists/*
-RUN useradd --uid 10002 --user-group --create-home --home-dir /home/vllm vllm
+# The official vllm/vllm-openai image's own non-root user: uid 2000 in group 0, with a
+# group-writable home for the caches vLLM, torch and Hugging Face keep there.
+RUN useradd --uid 2000 --gid 0 --create-home --home-dir /home/vllm vllm \
+ && mkdir -p /home/vllm/.cache \
+ && chown -R 2000:0 /home/vllm && chmod -R g+rwX /home/vllm
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /models /models
 ENV PATH=/opt/venv/bin:$PATH \
@@ -46,7 +50,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     VLLM_CPU_KVCACHE_SPACE=1 \
     VLLM_NO_USAGE_STATS=1 \
     DO_NOT_TRACK=1
-USER 10002
+USER 2000:0
 WORKDIR /home/vllm
 EXPOSE 8000
 ENTRYPOINT ["vllm", "serve"]

@@ -153,3 +153,19 @@ def test_containers_are_locked_down(stack):
     for service in ("caddy", "proxy"):
         assert stack.container(service).attrs["HostConfig"]["ReadonlyRootfs"] is True, service
     assert stack.container("proxy").attrs["Config"]["User"] == "10001:10001"
+
+
+def test_vllm_runs_as_its_own_user_and_owns_its_model_cache(stack):
+    vllm = stack.container("vllm")
+    assert vllm.attrs["Config"]["User"] == "2000:0"
+    status = vllm.exec_run(["cat", "/proc/1/status"]).output.decode()
+    assert "\nUid:\t2000\t2000\t2000\t2000\n" in status, status
+    # The cache volume was root's when created; the one-shot owner container handed it over.
+    probe = vllm.exec_run(["sh", "-c", "touch /home/vllm/.cache/huggingface/probe && stat -c %u:%g /home/vllm/.cache/huggingface"])
+    assert probe.exit_code == 0 and probe.output.decode().strip() == "2000:0", probe.output
+    owner = stack.container("vllm-cache-owner").attrs
+    assert owner["State"]["Status"] == "exited" and owner["State"]["ExitCode"] == 0
+    assert owner["HostConfig"]["CapDrop"] == ["ALL"]
+    assert sorted(owner["HostConfig"]["CapAdd"]) == ["CAP_CHOWN", "CAP_DAC_READ_SEARCH"]
+    assert owner["HostConfig"]["NetworkMode"] == "none"
+    assert "no-new-privileges:true" in owner["HostConfig"]["SecurityOpt"]

@@ -27,10 +27,13 @@ def test_production_compose_publishes_only_caddy():
     assert services["vllm"]["networks"].keys() == {"backend"}
     assert services["vllm"]["image"] == "vllm/vllm-openai:v0.32.0"  # the release the CPU test image runs
     assert services["vllm"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert services["vllm"]["user"] == "2000:0"
+    # The cache's owner runs from the image vLLM already has: no other image to pull.
+    assert services["vllm-cache-owner"]["image"] == services["vllm"]["image"]
 
 
 def test_cpu_profile_drops_the_gpu_and_keeps_the_rest():
     services = _config("compose.yaml", "compose.cpu.yaml")["services"]
     assert "deploy" not in services["vllm"]
-    assert services["vllm"]["image"] == "dce-vllm-cpu:0.32.0-tiny"
+    assert services["vllm"]["image"] == services["vllm-cache-owner"]["image"] == "dce-vllm-cpu:0.32.0-tiny"
     assert {name for name, service in services.items() if service.get("ports")} == {"caddy"}
