@@ -12,6 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import docker
 import figures
@@ -66,28 +67,36 @@ class Stack:
 
     def vllm_metric(self, name: str) -> float:
         """Reads one vLLM metric from inside the backend network (vLLM publishes no port)."""
-        (_, value), = self.vllm_metric_samples(name, seconds=0)
-        return value
+        (sample,) = self.vllm_metric_samples(name, seconds=0)
+        return sample.value
 
-    def vllm_metric_samples(self, name: str, seconds: float) -> list[tuple[float, float]]:
+    def vllm_metric_samples(self, name: str, seconds: float) -> list[MetricSample]:
         """Samples a vLLM metric every 0.1 s for `seconds`, from inside the backend network.
 
-        Each sample carries the wall-clock time it was taken (the container shares the host's
-        clock), so a test can time an event without counting `docker exec`'s own latency.
+        Each sample carries the wall-clock times its request was sent and answered (the container
+        shares the host's clock): vLLM read the value somewhere in between, so a test can bound
+        when something happened without counting `docker exec`'s own latency.
         """
         code, out = self.exec_python("proxy", _SAMPLE_METRIC.format(name=name, seconds=seconds))
         assert code == 0, out
-        return [(float(t), float(v)) for t, v in (line.split() for line in out.splitlines())]
+        return [MetricSample(*map(float, line.split())) for line in out.splitlines()]
+
+
+class MetricSample(NamedTuple):
+    sent: float
+    received: float
+    value: float
 
 
 _SAMPLE_METRIC = """
 import re, time, urllib.request
 end = time.time() + {seconds}
 while True:
+    sent = time.time()
     text = urllib.request.urlopen('http://vllm:8000/metrics').read().decode()
     values = [float(v) for v in re.findall(r'^{name}{{[^}}]*}} (\\S+)$', text, re.M)]
     assert values, '{name} not in /metrics'
-    print(time.time(), sum(values), flush=True)
+    print(sent, time.time(), sum(values), flush=True)
     if time.time() >= end:
         break
     time.sleep(0.1)

@@ -28,13 +28,40 @@ def test_ten_concurrent_extension_streams_complete(stack):
         assert result.chunks >= 1
 
 
+# vLLM must stop an aborted stream's generation within this long (issue 2).
+STOP_SECONDS = 2.0
+# On 2 busy cores, vLLM's /metrics can take 2 s to answer: a sample that slow cannot tell when the
+# generation stopped. The test then aborts the next stream, up to this many in all.
+ABORT_ATTEMPTS = 3
+
+
+def _stop_verdict(samples, closed_at: float) -> tuple[bool | None, str]:
+    """Did vLLM run one request fewer within STOP_SECONDS of the client's disconnect?
+
+    True or False when the samples tell, None when none was answered in time to tell."""
+    before = [sample.value for sample in samples if sample.received <= closed_at]
+    if not before:
+        return None, "no sample before the disconnect"
+    running = before[-1]
+    for sample in samples:
+        if sample.received > closed_at and sample.value < running:
+            delay = sample.received - closed_at  # vLLM had stopped by then: an upper bound
+            if delay < STOP_SECONDS:
+                return True, f"stopped within {delay:.2f} s"
+            break
+        if sample.sent - closed_at >= STOP_SECONDS and sample.value >= running:
+            return False, f"still {sample.value:g} running {sample.sent - closed_at:.2f} s after the disconnect"
+    timeline = [(round(s.sent - closed_at, 2), round(s.received - closed_at, 2), s.value) for s in samples]
+    return None, f"samples (sent, answered, running) around the disconnect: {timeline}"
+
+
 def test_aborting_one_stream_stops_its_generation_and_spares_the_others(stack):
     url = f"{stack.base}/k/{stack.key}/api/dce/proxy"
-    # ignore_eos keeps every generation running long enough to abort one mid-way.
-    body = extension_body("Write at length.", max_tokens=3000, ignore_eos=True)
+    # ignore_eos keeps every generation running long enough to abort some mid-way (about 40 s here).
+    body = extension_body("Write at length.", max_tokens=3800, ignore_eos=True)
     started = threading.Barrier(BATCH + 1, timeout=120)
-    abort = threading.Event()
-    closed_at = []  # when the aborted stream's connection was really closed, client side
+    aborts = [threading.Event() for _ in range(ABORT_ATTEMPTS)]  # stream i aborts when aborts[i] is set
+    closed_at = {}  # stream index -> when its connection was really closed, client side
 
     def run(index: int):
         first = True
@@ -44,14 +71,13 @@ def test_aborting_one_stream_stops_its_generation_and_spares_the_others(stack):
             if first and result.chunks:
                 first = False
                 started.wait()
-            return not (index == 0 and abort.is_set())
+            return not (index < ABORT_ATTEMPTS and aborts[index].is_set())
 
         with stack.session() as session:
             result = post_like_extension(session, url, body, on_chunk=on_chunk)
         if first:
             started.abort()  # never streamed: fail now, with its answer, not after the timeout
-        if index == 0:
-            closed_at.append(time.time())
+        closed_at[index] = time.time()
         return result
 
     with ThreadPoolExecutor(BATCH + 1) as pool:
@@ -59,7 +85,8 @@ def test_aborting_one_stream_stops_its_generation_and_spares_the_others(stack):
         try:
             started.wait()
         except threading.BrokenBarrierError:
-            abort.set()
+            for abort in aborts:
+                abort.set()
             answers = [(f.result().status, f.result().errors[:1]) for f in futures]
             pytest.fail(f"not all {BATCH} streams started: {answers}")
         # vLLM's gauge can lag the first tokens by a step or two; give it a moment to count all ten.
@@ -67,19 +94,21 @@ def test_aborting_one_stream_stops_its_generation_and_spares_the_others(stack):
         while (running := stack.vllm_metric("vllm:num_requests_running")) != BATCH and time.monotonic() < deadline:
             time.sleep(0.2)
         assert running == BATCH
-        watcher = pool.submit(stack.vllm_metric_samples, "vllm:num_requests_running", 8)
-        time.sleep(1)  # let the watcher start sampling
-        abort.set()
-        samples = watcher.result()
+        verdicts = []
+        for attempt in range(ABORT_ATTEMPTS):
+            watcher = pool.submit(stack.vllm_metric_samples, "vllm:num_requests_running", 4)
+            time.sleep(1)  # let the watcher start sampling
+            aborts[attempt].set()
+            futures[attempt].result()  # its connection is closed
+            stopped, detail = _stop_verdict(watcher.result(), closed_at[attempt])
+            verdicts.append(detail)
+            if stopped is not None:
+                break
         results = [future.result() for future in futures]
 
-    # Timed from the client's disconnect: on a busy 2-core machine the aborting thread itself
-    # may take a while to get there, which is not the stack's doing.
-    after = [(t - closed_at[0], running) for t, running in samples if t > closed_at[0]]
-    stopped_after = next((delay for delay, running in after if running <= BATCH - 1), None)
-    assert stopped_after is not None and stopped_after < 2.0, f"vLLM kept generating: {after}"
-    aborted, others = results[0], results[1:]
-    assert aborted.finish_reason is None
+    assert stopped, f"vLLM kept generating an aborted stream: {verdicts}"
+    aborted, others = results[:attempt + 1], results[attempt + 1:]
+    assert all(result.finish_reason is None for result in aborted)
     for result in others:
         assert result.status == 200 and not result.errors
         assert result.finish_reason == "length" and result.saw_done
