@@ -28,6 +28,8 @@ def test_production_compose_publishes_only_caddy():
     assert services["vllm"]["image"] == "vllm/vllm-openai:v0.32.0"  # the release the CPU test image runs
     assert services["vllm"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert services["vllm"]["user"] == "2000:0"
+    (cache,) = [volume for volume in services["vllm"]["volumes"] if volume["source"] == "hf_cache"]
+    assert services["vllm"]["environment"]["HF_HOME"] == cache["target"]  # the model lands in the volume
     # The cache's owner runs from the image vLLM already has: no other image to pull.
     assert services["vllm-cache-owner"]["image"] == services["vllm"]["image"]
 
