@@ -87,50 +87,63 @@ def _ready(stack) -> bool:
             return False
 
 
-@pytest.mark.disruptive
-def test_vllm_killed_mid_stream_ends_streams_then_recovers_without_proxy_restart(stack, session):
-    proxy_started = _started_at(stack, "proxy")
-    url = f"{stack.base}/k/{stack.key}/api/dce/proxy"
-    body = extension_body("Keep going.", max_tokens=4096, ignore_eos=True)
-    streaming = threading.Barrier(4, timeout=120)
-
-    def run(_):
-        seen = False
-
-        def on_chunk(result):
-            nonlocal seen
-            if not seen and result.chunks:
-                seen = True
-                streaming.wait()
-
-        with stack.session() as own:
-            started = time.monotonic()
-            return post_like_extension(own, url, body, on_chunk=on_chunk), started
-
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(run, i) for i in range(3)]
-        streaming.wait()
-        stack.container("vllm").kill()
-        killed_at = time.monotonic()
-        results = [future.result(timeout=30)[0] for future in futures]
-        ended_within = time.monotonic() - killed_at
-
-    assert ended_within < 10
-    for result in results:
-        assert result.status == 200 and result.saw_done
-        assert result.finish_reason == "error"  # the extension shows the message and closes the tab
-        assert result.errors and "vLLM" in result.errors[0]["message"]
-
-    down = session.post(f"{stack.base}/api/dce/generate", headers={"X-API-Key": stack.key},
-                        json={"prompt": "hi", "n": 1, "max_tokens": 4}, timeout=30)
-    assert down.status_code == 503 and int(down.headers["Retry-After"]) > 0
-    assert down.json()["error"]["code"] == "upstream_unavailable"
-
+def _bring_back_vllm(stack) -> None:
     vllm = stack.container("vllm")
     vllm.reload()
     if vllm.status != "running":
         vllm.start()  # Docker's restart policy does not bring back a container killed through the API
     _wait_until(lambda: _ready(stack), 300, "vLLM to serve again")
+
+
+@pytest.mark.disruptive
+def test_vllm_killed_mid_stream_ends_streams_then_recovers_without_proxy_restart(stack, session):
+    proxy_started = _started_at(stack, "proxy")
+    url = f"{stack.base}/k/{stack.key}/api/dce/proxy"
+    body = extension_body("Keep going.", max_tokens=4096, ignore_eos=True)
+    streaming = [threading.Event() for _ in range(3)]
+    timeline = {}  # when each stream was sent, saw its first chunk and ended, and when vLLM was killed
+
+    def told() -> dict:
+        zero = min(timeline.values())
+        return {event: round(at - zero, 2) for event, at in sorted(timeline.items(), key=lambda item: item[1])}
+
+    def run(index):
+        def on_chunk(result):
+            # Keeps reading: a stream that waited here for the others would let vLLM finish it unseen.
+            if result.chunks and not streaming[index].is_set():
+                timeline[f"stream {index} first chunk"] = time.monotonic()
+                streaming[index].set()
+
+        with stack.session() as own:
+            timeline[f"stream {index} sent"] = time.monotonic()
+            result = post_like_extension(own, url, body, on_chunk=on_chunk)
+            timeline[f"stream {index} ended"] = time.monotonic()
+            return result
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(run, i) for i in range(3)]
+            assert all(started.wait(120) for started in streaming), f"a stream never started: {told()}"
+            assert not any(future.done() for future in futures), f"a stream ended before the kill: {told()}"
+            timeline["kill sent"] = time.monotonic()
+            stack.container("vllm").kill()
+            killed_at = timeline["kill done"] = time.monotonic()
+            results = [future.result(timeout=30) for future in futures]
+            ended_within = time.monotonic() - killed_at
+
+        assert ended_within < 10, told()
+        for result in results:
+            assert result.status == 200 and result.saw_done, told()
+            # The extension shows the message and closes the tab.
+            assert result.finish_reason == "error", (result.finish_reason, result.chunks, told())
+            assert result.errors and "vLLM" in result.errors[0]["message"]
+
+        down = session.post(f"{stack.base}/api/dce/generate", headers={"X-API-Key": stack.key},
+                            json={"prompt": "hi", "n": 1, "max_tokens": 4}, timeout=30)
+        assert down.status_code == 503 and int(down.headers["Retry-After"]) > 0
+        assert down.json()["error"]["code"] == "upstream_unavailable"
+    finally:
+        _bring_back_vllm(stack)  # also after a failure: the next tests need the engine
     again = session.post(f"{stack.base}/api/dce/generate", headers={"X-API-Key": stack.key},
                          json={"prompt": "hi", "n": 2, "max_tokens": 4}, timeout=60)
     assert again.status_code == 200, again.text
