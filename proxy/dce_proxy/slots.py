@@ -12,7 +12,6 @@ from typing import Callable
 
 import redis
 
-from .errors import limits_store_unavailable
 
 log = logging.getLogger("dce_proxy")
 
@@ -82,11 +81,9 @@ class LeasedSlots:
     def acquire(self, client: str, cap: int) -> Release | None:
         key = f"dce-slots/{client}"
         lease = f"{os.getpid()}-{id(self)}-{next(self._ids)}"
-        try:
-            if not self._acquire(keys=[key], args=[cap, LEASE_SECONDS, lease]):
-                return None
-        except redis.RedisError:
-            raise limits_store_unavailable() from None
+        # A RedisError here becomes the 503 of limits.py's error handler, as flask-limiter's do.
+        if not self._acquire(keys=[key], args=[cap, LEASE_SECONDS, lease]):
+            return None
         self._held[lease] = key
         self._start_renewer()
 
