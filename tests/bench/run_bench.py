@@ -14,7 +14,7 @@ Load tools: wrk for the JSON requests (installed with apt-get when missing), str
 the streams. CPU of every process involved is sampled from /proc during each run, so the table
 shows who was busy (and how busy the rest of the machine was).
 
-Run from the repository root: `make bench` (about 10 minutes; options through BENCH_ARGS, e.g.
+Run from the repository root: `make bench` (about 9 minutes; options through BENCH_ARGS, e.g.
 `make bench BENCH_ARGS="--quick"` for a one-minute try), or with the Makefile's venv:
   .venv/bin/python tests/bench/run_bench.py [--rounds 3] [--quick] [--only json-c1,stream-c32,...]
       [--profile] [--proxy-dir PATCHED_COPY_OF_proxy/] [--out DIR]
