@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,21 +66,37 @@ class Stack:
         result = self.container(service).exec_run(["python3", "-c", code])
         return result.exit_code, result.output.decode(errors="replace")
 
-    def vllm_metric(self, name: str) -> float:
-        """Reads one vLLM metric from inside the backend network (vLLM publishes no port)."""
-        (sample,) = self.vllm_metric_samples(name, seconds=0)
-        return sample.value
-
-    def vllm_metric_samples(self, name: str, seconds: float) -> list[MetricSample]:
-        """Samples a vLLM metric every 0.1 s for `seconds`, from inside the backend network.
+    def watch_vllm_metric(self, name: str, seconds: float) -> MetricWatch:
+        """Samples a vLLM metric every 0.1 s for `seconds`, from inside the backend network, in the
+        background: the watch's samples grow as they come, so a test can act on them at once.
 
         Each sample carries the wall-clock times its request was sent and answered (the container
         shares the host's clock): vLLM read the value somewhere in between, so a test can bound
         when something happened without counting `docker exec`'s own latency.
         """
-        code, out = self.exec_python("proxy", _SAMPLE_METRIC.format(name=name, seconds=seconds))
-        assert code == 0, out
-        return [MetricSample(*map(float, line.split())) for line in out.splitlines()]
+        watch = MetricWatch()
+        code = _SAMPLE_METRIC.format(name=name, seconds=seconds)
+        output = self.container("proxy").exec_run(["python3", "-c", code], stream=True).output
+
+        def collect():
+            pending = b""
+            for chunk in output:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    try:
+                        watch.samples.append(MetricSample(*map(float, line.split())))
+                    except (TypeError, ValueError):  # not a sample: the sampler's error, kept for the test
+                        watch.other_output.append(line.decode(errors="replace"))
+
+        threading.Thread(target=collect, name="vllm-metric-watch", daemon=True).start()
+        return watch
+
+
+@dataclass
+class MetricWatch:
+    samples: list[MetricSample] = field(default_factory=list)
+    other_output: list[str] = field(default_factory=list)
 
 
 class MetricSample(NamedTuple):

@@ -33,6 +33,8 @@ STOP_SECONDS = 2.0
 # On 2 busy cores, vLLM's /metrics can take 2 s to answer: a sample that slow cannot tell when the
 # generation stopped. The test then aborts the next stream, up to this many in all.
 ABORT_ATTEMPTS = 3
+# The sampler's run: the gauge reaching ten, then up to three attempts of a few seconds each.
+WATCH_SECONDS = 30
 
 
 def _stop_verdict(samples, closed_at: float) -> tuple[bool | None, str]:
@@ -89,18 +91,24 @@ def test_aborting_one_stream_stops_its_generation_and_spares_the_others(stack):
                 abort.set()
             answers = [(f.result().status, f.result().errors[:1]) for f in futures]
             pytest.fail(f"not all {BATCH} streams started: {answers}")
+        # One sampler for the whole test: a `docker exec` per attempt can take seconds to start here.
+        watch = stack.watch_vllm_metric("vllm:num_requests_running", WATCH_SECONDS)
         # vLLM's gauge can lag the first tokens by a step or two; give it a moment to count all ten.
-        deadline = time.monotonic() + 5
-        while (running := stack.vllm_metric("vllm:num_requests_running")) != BATCH and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10
+        while not any(sample.value == BATCH for sample in watch.samples) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert running == BATCH
+        assert any(sample.value == BATCH for sample in watch.samples), (watch.samples[-5:], watch.other_output)
         verdicts = []
         for attempt in range(ABORT_ATTEMPTS):
-            watcher = pool.submit(stack.vllm_metric_samples, "vllm:num_requests_running", 4)
-            time.sleep(1)  # let the watcher start sampling
+            assert not futures[attempt].done(), f"stream {attempt} ended before its abort: {verdicts}"
             aborts[attempt].set()
             futures[attempt].result()  # its connection is closed
-            stopped, detail = _stop_verdict(watcher.result(), closed_at[attempt])
+            deadline = closed_at[attempt] + STOP_SECONDS + 3
+            while True:
+                stopped, detail = _stop_verdict(list(watch.samples), closed_at[attempt])
+                if stopped is not None or time.time() > deadline:
+                    break
+                time.sleep(0.2)
             verdicts.append(detail)
             if stopped is not None:
                 break
