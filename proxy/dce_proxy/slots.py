@@ -12,7 +12,6 @@ from typing import Callable
 
 import redis
 
-
 log = logging.getLogger("dce_proxy")
 
 Release = Callable[[], None]
