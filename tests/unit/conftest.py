@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, settings
 
 import figures
 from fake_vllm import FakeVLLM
-from unit_helpers import TEST_KEYS, free_port
+from unit_helpers import TEST_KEYS
+from wire import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PROXY_DIR = REPO / "proxy"

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from unit_helpers import ALICE_KEY, DCE_EXTENSION_BODY, assert_error, bearer, closed_port_url, \
-    read_like_extension, sse_data
+    read_like_extension
+from wire import sse_events
 
 AUTH = bearer(ALICE_KEY)
 JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
@@ -120,7 +121,7 @@ def stream_ending_with_error(client, route, body):
     error event followed by [DONE]."""
     r = client.post(route, json={**body, "stream": True}, headers=AUTH)
     assert r.status_code == 200
-    data = sse_data(r.get_data())
+    data = sse_events(r.get_data())
     assert data[-1] == "[DONE]" and data.count("[DONE]") == 1, data[-3:]
     events = [json.loads(d) for d in data[:-1]]
     assert "error" in events[-1], events[-1]

@@ -8,19 +8,14 @@ import socket
 import time
 from typing import Any, Iterable
 
+from wire import extension_body, free_port, sse_events
+
 ALICE_KEY = "test-key-aaaaaaaaaaaaaaaa"
 BOB_KEY = "test-key-bbbbbbbbbbbbbbbb"
 TEST_KEYS = f"alice:{ALICE_KEY},bob:{BOB_KEY}"
 
 # The request the DCE VS Code extension v1.2.0 sends (contract, /api/dce/proxy).
-DCE_EXTENSION_BODY = {
-    "model": "local-model",
-    "messages": [{"role": "user", "content": "Summarise the selected files."}],
-    "max_tokens": 16384,
-    "stream": True,
-    "reasoning_effort": "medium",
-    "n": 1,
-}
+DCE_EXTENSION_BODY = extension_body("Summarise the selected files.")
 
 
 def bearer(key: str = ALICE_KEY) -> dict[str, str]:
@@ -32,20 +27,9 @@ def basic(key: str = ALICE_KEY, user: str = "dce") -> dict[str, str]:
     return {"Authorization": f"Basic {token}"}
 
 
-def sse_data(raw: bytes | str) -> list[str]:
-    """The `data:` payloads of an SSE body, in order (including `[DONE]`)."""
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    out = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        for line in block.split("\n"):
-            if line.startswith("data:"):
-                out.append(line[5:].strip())
-    return out
-
-
 def sse_json(raw: bytes | str) -> list[dict[str, Any]]:
     """The JSON events of an SSE body; asserts it ends with exactly one [DONE]."""
-    data = sse_data(raw)
+    data = sse_events(raw)
     assert data and data[-1] == "[DONE]", f"stream does not end with [DONE]: {data[-3:]}"
     assert data.count("[DONE]") == 1, "more than one [DONE]"
     return [json.loads(d) for d in data[:-1]]
@@ -87,12 +71,6 @@ def assert_error(resp, status: int, type_: str | None = None, param: str | None 
     if param is not None:
         assert err.get("param") == param, err
     return err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def closed_port_url() -> str:

@@ -1,0 +1,199 @@
+"""The DCE extension v1.2.0 on the wire, shared by the unit and integration suites.
+
+What the extension sends (`extension_body`), how it reads the answer (`ExtensionReader`, read from
+its llm.service.ts), a generic SSE parser, and small helpers every suite needs (`free_port`,
+`wait_until`). The reader is deliberately as strict as the extension, never kinder:
+
+- the body is split on blank lines; only `data: ` lines count; `[DONE]` is skipped;
+- a chunk ends the tab when `data.choices?.[0]?.finish_reason !== null`: a missing field, or a
+  missing or empty `choices`, ends it too, and that chunk's text is NOT shown;
+- otherwise choices[0].delta.content and .reasoning_content are appended;
+- a top-level `error` is never looked at;
+- 60 s without a byte on the socket kills the request ("Socket timeout"); a non-200 fails the tab.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import requests
+
+SILENCE_LIMIT = 60.0  # the extension's agentkeepalive socket timeout, in seconds
+
+
+def extension_body(prompt: str, **extra) -> dict:
+    """The exact body of one extension tab."""
+    return {"model": "local-model", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 16384, "stream": True, "reasoning_effort": "medium", "n": 1, **extra}
+
+
+# -- SSE -----------------------------------------------------------------------------------------
+
+@dataclass
+class Sse:
+    events: list[str]  # the data payload of each event, in order, [DONE] included
+    comments: int  # comment lines (": keep-alive")
+
+
+def parse_sse(raw: bytes | str) -> Sse:
+    """Any SSE body: each event's joined `data:` lines, and how many comment lines it held."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    events, comments = [], 0
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        data = []
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                comments += 1
+            elif line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+        if data:
+            events.append("\n".join(data))
+    return Sse(events, comments)
+
+
+def sse_events(raw: bytes | str) -> list[str]:
+    return parse_sse(raw).events
+
+
+# -- the extension's reader ----------------------------------------------------------------------
+
+@dataclass
+class ExtensionResult:
+    status: int = 0
+    content: str = ""  # what the tab shows as the answer
+    reasoning: str = ""  # what the tab shows as thinking
+    ended: bool = False  # an end chunk arrived (the tab is complete)
+    finish_reason: str | None = None  # the end chunk's finish_reason (None without one, or when missing)
+    saw_done: bool = False
+    chunks: int = 0  # JSON chunks read, the end chunk included
+    heartbeats: int = 0  # SSE comment lines
+    unparsed: int = 0  # data lines that are not JSON
+    failure: str | None = None  # why the tab failed: "Socket timeout", "HTTP 429", ...
+
+    @property
+    def shown(self) -> tuple[str, str | None]:
+        """(content, finish_reason): the usual thing to compare."""
+        return self.content, self.finish_reason
+
+
+class ExtensionReader:
+    """Applies the extension's rules to a body fed in byte chunks of any size."""
+
+    def __init__(self, status: int = 200):
+        self.result = ExtensionResult(status=status)
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._buffer = ""
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += self._decoder.decode(data)
+        *events, self._buffer = self._buffer.split("\n\n")
+        for event in events:
+            self._event(event)
+
+    def close(self) -> ExtensionResult:
+        """The body is over: an unterminated last event is still read, as the extension does."""
+        if self._buffer:
+            self._event(self._buffer)
+            self._buffer = ""
+        return self.result
+
+    def _event(self, event: str) -> None:
+        for line in event.split("\n"):
+            if line.startswith(":"):
+                self.result.heartbeats += 1
+            elif line.startswith("data: "):
+                self._data(line[len("data: "):])
+
+    def _data(self, data: str) -> None:
+        result = self.result
+        if data == "[DONE]":
+            result.saw_done = True
+            return
+        if result.ended:
+            return  # the tab is complete: nothing after its end chunk is shown
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            result.unparsed += 1
+            return
+        result.chunks += 1
+        choices = chunk.get("choices") if isinstance(chunk, dict) else None
+        first = choices[0] if isinstance(choices, list) and choices else None
+        finish = first.get("finish_reason", "<missing>") if isinstance(first, dict) else "<missing>"
+        if finish is not None:  # `!== null`: undefined ends the tab too
+            result.ended = True
+            result.finish_reason = None if finish == "<missing>" else finish
+            return
+        delta = first.get("delta")
+        if isinstance(delta, dict):
+            result.content += _text(delta.get("content"))
+            result.reasoning += _text(delta.get("reasoning_content"))
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def read_extension_body(raw: bytes | str, status: int = 200) -> ExtensionResult:
+    """The extension's reading of a complete body (unit tests)."""
+    reader = ExtensionReader(status)
+    if status != 200:
+        reader.result.failure = f"HTTP {status}"
+        return reader.result
+    reader.feed(raw.encode() if isinstance(raw, str) else raw)
+    return reader.close()
+
+
+def post_like_extension(session: requests.Session, url: str, body: dict, *,
+                        on_chunk: Callable[[ExtensionResult], bool | None] | None = None,
+                        silence_limit: float = SILENCE_LIMIT) -> ExtensionResult:
+    """One tab over a live connection: only a Content-Type header, no retries, and the request dies
+    after `silence_limit` seconds without a byte. `on_chunk(result)` runs after each chunk of bytes;
+    returning False closes the socket, like the stop button."""
+    try:
+        response = session.post(url, data=json.dumps(body), headers={"Content-Type": "application/json"},
+                                stream=True, timeout=(10, silence_limit))
+    except requests.Timeout:
+        return ExtensionResult(failure="Socket timeout")
+    except requests.ConnectionError as exc:
+        return ExtensionResult(failure=f"Connection error: {exc}")
+    with response:
+        reader = ExtensionReader(response.status_code)
+        if response.status_code != 200:
+            reader.result.failure = f"HTTP {response.status_code}"
+            return reader.result
+        try:
+            for raw in response.iter_content(chunk_size=None):
+                reader.feed(raw)
+                if on_chunk is not None and on_chunk(reader.result) is False:
+                    return reader.result
+        except requests.RequestException as exc:  # requests wraps a read timeout in a ConnectionError
+            timed_out = isinstance(exc, requests.ConnectionError) and "timed out" in str(exc).lower()
+            reader.result.failure = "Socket timeout" if timed_out else f"Connection error: {exc}"
+            return reader.result
+    return reader.close()
+
+
+# -- small helpers -------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01):
+    """Polls `predicate` until it is true and returns its value; AssertionError naming `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
