@@ -14,6 +14,15 @@ if [[ ! -f .env ]]; then
 fi
 # Only the variables this script needs; compose reads .env itself.
 env_value() { sed -n "s/^$1=//p" .env | tail -n 1; }
+# Records a setting of this host in .env, where every later `docker compose` command (a restart, a
+# reboot's `restart: unless-stopped`, `make down`) reads it too, not only this start.
+set_env_value() {
+  if grep -q "^$1=" .env; then
+    sed -i "s|^$1=.*|$1=$2|" .env
+  else
+    printf '\n# Set by `make up` for this host.\n%s=%s\n' "$1" "$2" >> .env
+  fi
+}
 keys_file=$(env_value DCE_API_KEYS_SECRET); keys_file=${keys_file:-./secrets/dce_api_keys}
 token_file=$(env_value HF_TOKEN_SECRET); token_file=${token_file:-./secrets/hf_token}
 
@@ -54,10 +63,18 @@ fi
 # Hosts that reach no registry (air-gapped, or this CI kind) run the locally built equivalents.
 caddy_image=$(env_value CADDY_IMAGE); caddy_image=${caddy_image:-caddy:2.11.7}
 build=(--build)
-if ! docker image inspect "$caddy_image" >/dev/null 2>&1 && ! docker pull -q "$caddy_image" >/dev/null 2>&1; then
-  say "cannot pull $caddy_image: using locally built images (scripts/build-images.sh)"
+if [[ $caddy_image == dce-* ]]; then
+  say "using locally built images (set in .env): bringing them up to date (scripts/build-images.sh)"
   scripts/build-images.sh
-  export CADDY_IMAGE=dce-caddy:2.11.7 PROXY_IMAGE=dce-proxy:local LIMITS_IMAGE=dce-redis:7.0.15
+  build=()
+elif ! docker image inspect "$caddy_image" >/dev/null 2>&1 && ! docker pull -q "$caddy_image" >/dev/null 2>&1; then
+  say "cannot pull $caddy_image: using locally built images (scripts/build-images.sh), recorded in .env"
+  scripts/build-images.sh
+  # In .env, not only in this script's environment: a plain `docker compose up -d` later must not
+  # try to pull the registry names on a host that reaches no registry.
+  set_env_value CADDY_IMAGE dce-caddy:2.11.7
+  set_env_value PROXY_IMAGE dce-proxy:local
+  set_env_value LIMITS_IMAGE dce-redis:7.0.15
   build=()
 fi
 if [[ " ${files[*]} " == *" compose.cpu.yaml "* ]]; then
@@ -72,13 +89,8 @@ export EXTRA_CA_CERTS
 say "starting (the first start downloads the model: this can take a while)"
 # Compose reads COMPOSE_FILE from .env: `make down`, `make logs` and any later `docker compose`
 # command then see the same services as this start.
-COMPOSE_FILE=$(IFS=:; echo "${files[*]}")
-export COMPOSE_FILE
-if grep -q '^COMPOSE_FILE=' .env; then
-  sed -i "s|^COMPOSE_FILE=.*|COMPOSE_FILE=$COMPOSE_FILE|" .env
-else
-  printf '\n# Set by `make up`: the compose files of this host (GPU or CPU profile, one or more proxy workers).\nCOMPOSE_FILE=%s\n' "$COMPOSE_FILE" >> .env
-fi
+# The compose files of this host (GPU or CPU profile, one or more proxy workers).
+set_env_value COMPOSE_FILE "$(IFS=:; echo "${files[*]}")"
 docker compose up -d --remove-orphans "${build[@]}" --wait --wait-timeout "${DCE_UP_TIMEOUT:-3600}"
 
 port=$(env_value DCE_HTTPS_PORT); port=${port:-443}

@@ -14,6 +14,8 @@ NAMES = {
     "stream_seconds": "streams x seconds held",
     "bytes_compared": "bytes compared",
     "secrets_in_logs": "secrets found in logs",
+    # A step that retries (e.g. an abort whose samples could not tell) adds its attempts beyond the first.
+    "retries": "retries needed",
 }
 
 

@@ -13,18 +13,28 @@ import sys
 import sysconfig
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 SEED = 0
 VOCAB_SIZE = 2048
-MAX_LEN = 4096
+# Positions for long test streams; a deployment chooses its context with --max-model-len.
+MAX_LEN = 32768
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Reasoning markers, as Qwen3 has them: plain added tokens (kept in decoded text), so that vLLM's
+# `--reasoning-parser deepseek_r1` can split reasoning from the answer. Their ids come after the
+# trained vocabulary: 2048 and 2049 (asserted below; tests bias the sampling towards </think>).
+THINK_TOKENS = ["<think>", "</think>"]
+# ChatML. Like Qwen3's template, the answer starts after a closed, empty think block unless the
+# request asks for thinking (chat_template_kwargs {"enable_thinking": true}): vLLM then reads what
+# the model writes as reasoning until it writes </think>.
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking %}{{ '<think>\n' }}"
+    "{% else %}{{ '<think>\n\n</think>\n\n' }}{% endif %}{% endif %}"
 )
 
 
@@ -46,6 +56,7 @@ def make_tokenizer(out):
         show_progress=False,
     )
     tok.train_from_iterator(training_text(), trainer)
+    tok.add_tokens([AddedToken(token, special=False, normalized=False) for token in THINK_TOKENS])
     tok.save(str(out / "tokenizer.json"))
     # Written by hand: transformers 5's save_pretrained() would name the class
     # TokenizersBackend and move the template to chat_template.jinja, which
@@ -68,7 +79,8 @@ def main():
     out = pathlib.Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(out)
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS + THINK_TOKENS}
+    assert [ids[t] for t in THINK_TOKENS] == [VOCAB_SIZE, VOCAB_SIZE + 1], ids
 
     torch.manual_seed(SEED)
     config = LlamaConfig(
@@ -90,7 +102,12 @@ def main():
     prompt = loaded.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
-    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", prompt
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n", prompt
+    thinking = loaded.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+    assert thinking.endswith("<|im_start|>assistant\n<think>\n"), thinking
+    assert loaded.convert_tokens_to_ids(THINK_TOKENS) == [ids[t] for t in THINK_TOKENS]
     assert loaded.eos_token_id == ids["<|im_end|>"]
     text = "def f(x):\n    return x  # héllo"
     assert loaded.decode(loaded(text)["input_ids"]) == text

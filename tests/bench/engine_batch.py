@@ -2,13 +2,13 @@
 same batch sent straight to vLLM, as a ratio of total time (target: through the stack within 2 %).
 
 It composes its own stack, project `dce-bench` (the integration suite's is `dce-test`: both may run at
-once): compose.yaml + compose.cpu.yaml + compose.test.yaml, set up as tests/integration/conftest.py does
+once): compose.yaml + compose.cpu.yaml + compose.test.yaml, set up as tests/integration/stack.py does
 it (local images, a key file and an empty HF token as secrets), so vLLM is the CPU engine with the tiny
 model. vLLM publishes no port, so batch_client.py runs inside the proxy container for both paths:
   - direct: http://vllm:8000/v1/chat/completions, with the body the proxy would send (model "tiny");
   - stack:  https://caddy:443/k/KEY/api/dce/proxy over the edge network (TLS verified against Caddy's
             root, for the name localhost) -> proxy -> vLLM: what the extension sends, key in the URL.
-A batch is what the DCE extension v1.2.0 sends (tests/integration/dce_client.py): 10 streamed chat
+A batch is what the DCE extension v1.2.0 sends (tests/wire.py): 10 streamed chat
 requests at once, n=1 each, of one prompt. Each also carries seed i, ignore_eos and a fixed max_tokens,
 so that both paths make vLLM generate the very same tokens. After one unmeasured warm-up batch per path,
 the paths alternate (the order swaps every round). The stack is removed at the end (down -v), also on failure.
@@ -37,8 +37,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parents[1]
 # The integration suite's stack set-up and extension client, reused as they are (pytest.ini's paths).
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "integration")]
-import conftest  # noqa: E402
-from dce_client import extension_body  # noqa: E402
+import stack as test_stack  # noqa: E402
+from wire import extension_body  # noqa: E402
 from run_bench import CPUS, TICK, read_machine_ticks  # noqa: E402
 
 PROJECT = "dce-bench"
@@ -88,7 +88,7 @@ def stop_stack(compose: DockerCompose, show_logs: bool = False) -> None:
     compose.stop()  # down --volumes
 
 
-def cpu_seconds(stack: conftest.Stack) -> dict[str, float]:
+def cpu_seconds(stack: test_stack.Stack) -> dict[str, float]:
     """CPU time used so far by each container (batch_client.py runs in the proxy's, so it counts there)
     and by the whole machine, and the wall clock."""
     def used(service: str) -> float:
@@ -103,7 +103,7 @@ def cpu_seconds(stack: conftest.Stack) -> dict[str, float]:
     return seconds
 
 
-def run_batch(stack: conftest.Stack, path: str, client_code: str) -> dict:
+def run_batch(stack: test_stack.Stack, path: str, client_code: str) -> dict:
     env = {"BATCH_BODIES": json.dumps(batch_bodies(path))}
     if path == "direct":
         env["BATCH_URL"] = "http://vllm:8000/v1/chat/completions"
@@ -123,7 +123,7 @@ def run_batch(stack: conftest.Stack, path: str, client_code: str) -> dict:
     return result
 
 
-def measure(stack: conftest.Stack, rounds: int, deadline: float | None) -> tuple[dict[str, list[dict]], int]:
+def measure(stack: test_stack.Stack, rounds: int, deadline: float | None) -> tuple[dict[str, list[dict]], int]:
     """Warm-up batches, then the rounds; returns each path's measured batches and the rounds skipped."""
     client_code = (BENCH_DIR / "batch_client.py").read_text()
     for path in PATHS:
@@ -192,7 +192,7 @@ def run(rounds: int = ROUNDS, deadline: float | None = None) -> list[str]:
     began = time.monotonic()
     with only_run(), tempfile.TemporaryDirectory(prefix="dce-bench-engine-") as tmp:
         print(f"engine run: starting the {PROJECT} stack (vLLM CPU engine) ...", flush=True)
-        stack = conftest.start_stack(Path(tmp), project=PROJECT, compose_files=COMPOSE_FILES, load_keys=0)
+        stack = test_stack.start_stack(Path(tmp), project=PROJECT, compose_files=COMPOSE_FILES, load_keys=0)
         took = {"start": time.monotonic() - began}
         try:
             results, skipped = measure(stack, rounds, deadline)

@@ -1,7 +1,8 @@
 """Runs inside the proxy container (the backend network): the same streams sent straight to vLLM.
 
-Reads a JSON list of request bodies from DCE_REFERENCE_BODIES and prints a JSON list of the
-texts, each rebuilt from delta.content exactly as the extension-like client does.
+Reads a JSON list of request bodies from DCE_REFERENCE_BODIES and prints a JSON list with, for each,
+{"content", "reasoning"}: every delta of choice 0 joined, the final chunk's included (vLLM sends
+the last token with the finish reason), as vLLM generated them.
 """
 
 import json
@@ -13,15 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 def stream_text(body):
     request = urllib.request.Request("http://vllm:8000/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-    text = []
+    text = {"content": "", "reasoning": ""}
     with urllib.request.urlopen(request, timeout=600) as response:
         for line in response:
             line = line.decode().strip()
             if line.startswith("data: ") and line != "data: [DONE]":
                 choices = json.loads(line[6:])["choices"]
                 if choices:
-                    text.append(choices[0]["delta"].get("content") or "")
-    return "".join(text)
+                    delta = choices[0]["delta"]
+                    for field in text:
+                        text[field] += delta.get(field) or ""
+    return text
 
 
 bodies = json.loads(os.environ["DCE_REFERENCE_BODIES"])

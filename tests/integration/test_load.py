@@ -6,15 +6,13 @@ the load lasts a minute however fast the engine is."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import figures
 
-from dce_client import extension_body, post_like_extension
+from wire import extension_body, post_like_extension
 
 STREAMS = 200
 PROMPTS = 8  # distinct prompts, so a stream that got another's tokens shows
@@ -32,15 +30,10 @@ def _body(index: int, *, for_vllm: bool = False) -> dict:
 
 
 def test_200_streams_for_a_minute_lose_nothing(stack):
-    reference_code = (Path(__file__).parent / "direct_reference.py").read_text()
     reference = {}
 
     def direct():
-        result = stack.container("proxy").exec_run(
-            ["python3", "-c", reference_code],
-            environment={"DCE_REFERENCE_BODIES": json.dumps([_body(i, for_vllm=True) for i in range(PROMPTS)])})
-        reference["output"] = result.output.decode()
-        reference["exit_code"] = result.exit_code
+        reference["answers"] = stack.direct_answers([_body(i, for_vllm=True) for i in range(PROMPTS)])
 
     def client(index: int) -> list[tuple[int, object]]:
         # Ten curators, each within their DCE_MAX_CONCURRENT of 20.
@@ -61,14 +54,13 @@ def test_200_streams_for_a_minute_lose_nothing(stack):
     held = time.monotonic() - started
     reference_thread.join(timeout=600)
 
-    assert reference.get("exit_code") == 0, reference
-    expected = json.loads(reference["output"])
-    errors = [result.errors for _, result in results if result.status != 200 or result.errors]
+    expected = reference["answers"]
+    errors = [result.failure for _, result in results if result.status != 200 or result.failure]
     assert not errors, f"{len(errors)} of {len(results)} streams failed, first: {errors[0]}"
     compared = 0
     for prompt, result in results:
         assert result.finish_reason == "length" and result.saw_done
-        assert result.content == expected[prompt], f"a stream of prompt {prompt} differs from vLLM's own text"
+        assert result.content == expected[prompt]["content"], f"a stream of prompt {prompt} differs from vLLM's own text"
         compared += len(result.content.encode())
     figures.add("stream_seconds", STREAMS * held)
     figures.add("bytes_compared", compared)

@@ -1,0 +1,108 @@
+"""Runs inside the proxy container, straight to gunicorn: streams held on both workers, then the
+busier worker killed.
+
+argv: PATH BODY MOST EACH AFTER SLOTS_KEY. Opens streams to 127.0.0.1:8000 PATH one at a time, each
+only once the one before streams, until every worker holds at least EACH of them (or MOST are open).
+Which worker holds a stream is read from the kernel: the worker whose file table has the server side
+of that connection. The streams cannot end by themselves (the test asks for more tokens than the
+engine can produce meanwhile). Then it kills the worker holding the most, counts the live slot
+leases of SLOTS_KEY in Redis, and reads every stream on: a stream of the killed worker must break
+off; any other must bring AFTER more events, then it is closed.
+
+Prints one JSON object: {"workers": {pid: [stream ids]}, "victim", "leases_after_kill", "streams":
+[{"worker", "events", "after_kill", "ending"}]} with ending "continued" | "cut" | "done" | "error".
+"""
+
+import http.client
+import json
+import os
+import pathlib
+import signal
+import sys
+import threading
+
+import redis
+
+PATH, BODY, MOST, EACH, AFTER, SLOTS_KEY = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6]
+LIVE_LEASES = "return redis.call('ZCOUNT', KEYS[1], redis.call('TIME')[1], '+inf')"
+killed = threading.Event()
+
+
+class Stream(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.streaming = threading.Event()
+        self.events = self.after_kill = 0
+        self.ending = None
+        self.connection = http.client.HTTPConnection("127.0.0.1", 8000, timeout=600)
+        self.connection.request("POST", PATH, BODY, {"Content-Type": "application/json"})
+        self.port = self.connection.sock.getsockname()[1]
+
+    def run(self):
+        try:
+            response = self.connection.getresponse()
+            for line in response:
+                if line.startswith(b"data: [DONE]"):
+                    self.ending = "done"
+                elif line.startswith(b"data: "):
+                    self.events += 1
+                    self.ending = "error" if b'"error"' in line else self.ending
+                    self.streaming.set()
+                    if killed.is_set():
+                        self.after_kill += 1
+                        if self.after_kill >= AFTER:
+                            self.ending = self.ending or "continued"
+                            break
+            self.ending = self.ending or "cut"
+        except (OSError, http.client.HTTPException):
+            self.ending = self.ending or "cut"
+        finally:
+            self.streaming.set()
+            self.connection.close()
+
+
+def workers() -> list[int]:
+    # gunicorn's master is PID 1: its children are the workers.
+    return [int(proc.name) for proc in pathlib.Path("/proc").iterdir()
+            if proc.name.isdigit() and (proc / "stat").read_text().rsplit(")", 1)[1].split()[1] == "1"]
+
+
+def worker_of_each(streams: list[Stream]) -> dict[int, int]:
+    """Stream index -> the worker pid whose file table holds the server side of its connection."""
+    inode_of_port = {}
+    for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port, remote_port = (int(address.split(":")[1], 16) for address in fields[1:3])
+        if local_port == 8000:
+            inode_of_port[remote_port] = fields[9]
+    owner = {}
+    for pid in workers():
+        for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                owner[os.readlink(fd)] = pid
+            except OSError:
+                pass
+    return {i: owner.get(f"socket:[{inode_of_port.get(stream.port)}]") for i, stream in enumerate(streams)}
+
+
+streams: list[Stream] = []
+while True:
+    stream = Stream()
+    stream.start()
+    streams.append(stream)
+    stream.streaming.wait(300)
+    held = worker_of_each(streams)
+    by_worker = {pid: [i for i, owner in held.items() if owner == pid and streams[i].ending is None]
+                 for pid in workers()}
+    if len(streams) >= MOST or all(len(ids) >= EACH for ids in by_worker.values()):
+        break
+
+victim = max(by_worker, key=lambda pid: len(by_worker[pid]))
+killed.set()
+os.kill(victim, signal.SIGKILL)
+leases = redis.Redis.from_url("redis://limits:6379/0").eval(LIVE_LEASES, 1, SLOTS_KEY)
+for stream in streams:
+    stream.join(600)
+print(json.dumps({"workers": by_worker, "victim": victim, "leases_after_kill": leases,
+                  "streams": [{"worker": held[i], "events": s.events, "after_kill": s.after_kill, "ending": s.ending}
+                              for i, s in enumerate(streams)]}))

@@ -1,0 +1,165 @@
+"""The real stack: Caddy, the proxy image and the vLLM CPU engine, composed from the production
+compose.yaml plus the CPU profile and the test override, started once per session by the
+integration suite (conftest.py) and by the engine benchmark.
+
+Images come from `make images` (scripts/build-images.sh); nothing is pulled. If Docker is not
+usable, starting fails: these tests never skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import requests
+from testcontainers.compose import DockerCompose
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = "dce-test"
+# Two proxy workers sharing their limits in Redis (compose.scale.yaml): limits must hold across
+# workers, and a killed worker must not take the other's streams down. One worker, the default, is
+# what the unit suite runs under gunicorn.
+COMPOSE_FILES = ["compose.yaml", "compose.cpu.yaml", "compose.scale.yaml", "compose.test.yaml"]
+CADDY_ROOT_CA = "/data/caddy/pki/authorities/local/root.crt"
+DIRECT_REFERENCE = (Path(__file__).parent / "direct_reference.py").read_text()
+# The test stack's context (the tiny model has positions for it): a stream with ignore_eos and this
+# budget runs for minutes on this CPU, so a test that needs streams running when it acts can have
+# them, and ends them itself.
+MAX_MODEL_LEN = 32768
+LONG_STREAM_TOKENS = 30000
+# Token ids of the tiny model (vllm/make_tiny_model.py): 2048 trained, then <think> and </think>.
+TINY_VOCAB = 2050
+THINK_END_ID = 2049
+
+
+@dataclass
+class Stack:
+    compose: DockerCompose
+    https_port: int
+    http_port: int
+    ca_file: str
+    key: str
+    other_key: str
+    # Ten more curators: a load beyond one key's DCE_MAX_CONCURRENT needs several keys.
+    load_keys: list[str]
+    keys_file: Path  # the proxy's Compose secret; a test may revoke a key in it
+    project: str = PROJECT
+
+    @property
+    def base(self) -> str:
+        # localhost, not an IP: Caddy needs SNI to pick the certificate.
+        return f"https://localhost:{self.https_port}"
+
+    def session(self) -> requests.Session:
+        session = requests.Session()
+        # Otherwise REQUESTS_CA_BUNDLE from the environment would override the CA below.
+        session.trust_env = False
+        session.verify = self.ca_file
+        return session
+
+    def container(self, service: str):
+        # By label, not through testcontainers: it only finds running containers.
+        labels = [f"com.docker.compose.project={self.project}", f"com.docker.compose.service={service}"]
+        (container,) = docker.from_env().containers.list(all=True, filters={"label": labels})
+        return container
+
+    def direct_answers(self, bodies: list[dict]) -> list[dict]:
+        """What vLLM itself streams for each body ({"content", "reasoning"}), all sent at once from
+        inside the backend network (direct_reference.py), past Caddy and the proxy."""
+        result = self.container("proxy").exec_run(["python3", "-c", DIRECT_REFERENCE],
+                                                  environment={"DCE_REFERENCE_BODIES": json.dumps(bodies)})
+        assert result.exit_code == 0, result.output.decode(errors="replace")
+        return json.loads(result.output)
+
+    def exec_python(self, service: str, code: str, *args: str) -> tuple[int, str]:
+        """Runs Python inside a service's container (on its networks, not the host's)."""
+        result = self.container(service).exec_run(["python3", "-c", code, *args])
+        return result.exit_code, result.output.decode(errors="replace")
+
+
+def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Path:
+    keys = tmp / "dce_api_keys"
+    load_lines = "".join(f"load{i}:{load_key}\n" for i, load_key in enumerate(load_keys))
+    keys.write_text(f"curator:{key}\nother:{other_key}\n{load_lines}")
+    token = tmp / "hf_token"
+    token.write_text("")
+    for path in (keys, token):
+        path.chmod(0o644)  # the proxy reads it as an unprivileged user through the bind mount
+    env = tmp / "test.env"
+    env.write_text("\n".join([
+        "DCE_DOMAIN=localhost",
+        "CADDY_IMAGE=dce-caddy:2.11.7",
+        "PROXY_IMAGE=dce-proxy:local",
+        "VLLM_CPU_IMAGE=dce-vllm-cpu:0.32.0-tiny",
+        "LIMITS_IMAGE=dce-redis:7.0.15",
+        "DCE_PROXY_WORKERS=2",
+        f"VLLM_CPU_MAX_MODEL_LEN={MAX_MODEL_LEN}",
+        f"DCE_API_KEYS_SECRET={keys}",
+        f"HF_TOKEN_SECRET={token}",
+        "DCE_MAX_CONCURRENT=20",
+        # The rate limit is tested in the unit suite; here it must not get in the way.
+        "DCE_RATE_LIMIT=100000/minute",
+    ]) + "\n")
+    return env
+
+
+def _fetch_root_ca(stack: Stack, dest: Path) -> None:
+    # Caddy creates its internal CA on first start; wait for it rather than trusting anything.
+    deadline = time.monotonic() + 60
+    while True:
+        result = stack.container("caddy").exec_run(["cat", CADDY_ROOT_CA])
+        if result.exit_code == 0 and b"BEGIN CERTIFICATE" in result.output:
+            dest.write_bytes(result.output)
+            return
+        assert time.monotonic() < deadline, f"Caddy never wrote {CADDY_ROOT_CA}"
+        time.sleep(1)
+
+
+def _wait_ready(stack: Stack) -> None:
+    deadline = time.monotonic() + 120
+    last = None
+    with stack.session() as session:
+        while time.monotonic() < deadline:
+            try:
+                last = session.get(f"{stack.base}/readyz", timeout=5)
+                if last.status_code == 200:
+                    return
+            except requests.RequestException as exc:
+                last = exc
+            time.sleep(1)
+    raise AssertionError(f"stack not ready through Caddy: {last}")
+
+
+def start_stack(tmp: Path, *, project: str = PROJECT, compose_files: list[str] = COMPOSE_FILES,
+                load_keys: int = 10) -> Stack:
+    """Composes a stack (after removing one a killed run may have left) and waits until it answers
+    through Caddy. On failure it prints the logs and removes the stack."""
+    os.environ["COMPOSE_PROJECT_NAME"] = project
+    os.environ["COMPOSE_BAKE"] = "false"
+    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+    key, other_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    load_key_list = [secrets.token_urlsafe(24) for _ in range(load_keys)]
+    env_file = _write_env(tmp, key, other_key, load_key_list)
+    compose = DockerCompose(REPO, compose_file_name=compose_files, env_file=str(env_file),
+                            build=False, pull=False, wait=True)
+    compose.stop()
+    try:
+        compose.start()
+        caddy = compose.get_container("caddy")
+        stack = Stack(compose=compose, https_port=int(caddy.get_publisher(by_port=443, by_host="127.0.0.1").PublishedPort),
+                      http_port=int(caddy.get_publisher(by_port=80, by_host="127.0.0.1").PublishedPort),
+                      ca_file=str(tmp / "caddy-root.crt"), key=key, other_key=other_key, load_keys=load_key_list,
+                      keys_file=tmp / "dce_api_keys", project=project)
+        _fetch_root_ca(stack, Path(stack.ca_file))
+        _wait_ready(stack)
+    except BaseException:
+        stdout, stderr = compose.get_logs()
+        print(f"--- {project} stack logs ---\n{stdout[-20000:]}\n{stderr[-5000:]}", flush=True)
+        compose.stop()
+        raise
+    return stack
