@@ -76,6 +76,14 @@ def upstream_garbage(message: str) -> ApiError:
     return ApiError(502, message, "upstream_error", "bad_upstream_response")
 
 
+def from_upstream(error: dict, status: int) -> ApiError:
+    """vLLM's own error object as one of ours, for a stream that already started (no status left to pass)."""
+    code = error.get("code")
+    return ApiError(status, str(error.get("message") or "vLLM reported an error."),
+                    str(error.get("type") or "upstream_error"),
+                    code if isinstance(code, (str, int)) and not isinstance(code, bool) else "upstream_error")
+
+
 def limits_store_unavailable() -> ApiError:
     return ApiError(503, "The limits store (Redis) is not reachable; try again shortly.",
                     "server_error", "limits_store_unavailable", retry_after=5)

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import urllib3
 from flask import Response, current_app, request
 
-from .errors import ApiError, upstream_garbage, upstream_unavailable
+from .errors import ApiError, from_upstream, upstream_garbage, upstream_unavailable
 from .limits import GENERATION_ENDED
 from .payload import fit_to_model
 from .sse import DONE, data_event, event_data, split_events
@@ -125,8 +125,8 @@ def rewritten_stream(upstream: urllib3.BaseHTTPResponse, rewrite: EventRewriter,
                 if not isinstance(payload, dict):
                     yield error_event(upstream_garbage("vLLM sent an event that is not a JSON object.")) + DONE
                     return
-                if "error" in payload:
-                    yield data_event(payload) + DONE
+                if isinstance(payload.get("error"), dict):
+                    yield error_event(from_upstream(payload["error"], 502)) + DONE
                     return
                 out = rewrite(payload)
                 if out:

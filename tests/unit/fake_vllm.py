@@ -5,6 +5,8 @@ the proxy talks to it over a socket exactly as it talks to vLLM. It mimics what
 vLLM 0.32 answers (see shared notes "measured-here.md"): `/health`,
 `/v1/models`, `/v1/completions`, `/v1/chat/completions`, non-stream and SSE
 stream (chunked transfer encoding, `data: {...}\\n\\n` events, `data: [DONE]`),
+every choice chunk with an explicit `finish_reason` (null until its last one,
+which carries the last token's text, as vLLM 0.32 does; no empty finish chunk),
 choice indexes interleaved 0,1,2,0,1,2 when n > 1, and vLLM's exact error
 bodies for max_tokens > max_model_len (400) and an unknown model (404).
 
@@ -20,7 +22,13 @@ Controls (plain attributes, reset between tests by `reset()`):
   word             text of the content chunks (choice i, chunk j -> f"{word}{i}.{j} ")
   fault            None | "garbage" (non-JSON body / non-JSON SSE event)
                    | "truncate" (connection cut mid-body / mid-stream)
-                   | "stall" (stop sending for `stall_seconds` mid-stream)
+                   | "error" (stream: vLLM's error event, then [DONE])
+                   | "stall" (stop sending for `stall_seconds` mid-stream, then
+                   until `hold_stream` is set)
+  hold_headers     None or a threading.Event: send nothing, not even the status
+                   line, until the test sets it (a silence of any length, ended
+                   by the test once it saw what it waits for)
+  hold_stream      the same, mid-stream, for fault "stall"
   fault_after      content rounds sent before the fault kicks in
   force_error      (status, json_body) answered to every generation request
   reverse_choices  non-stream: list choices in reverse index order
@@ -47,6 +55,10 @@ from typing import Any
 
 CREATED = 1_764_000_000  # fixed timestamp: keeps the fake's bytes deterministic
 
+# What vLLM streams when the engine fails mid-generation (an error event, then [DONE]).
+ENGINE_ERROR = {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError",
+                          "param": None, "code": 500}}
+
 DEFAULTS: dict[str, Any] = {
     "model_ids": ("tiny",),
     "max_model_len": 4096,
@@ -61,6 +73,8 @@ DEFAULTS: dict[str, Any] = {
     "fault": None,
     "fault_after": 1,
     "stall_seconds": 0.0,
+    "hold_headers": None,
+    "hold_stream": None,
     "force_error": None,
     "reverse_choices": False,
 }
@@ -264,6 +278,11 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(max(deadline - time.monotonic(), 0.0))
             return
 
+    def _hold(self, gate: threading.Event | None) -> None:
+        """Stay silent until the test sets `gate`, noticing at once if the peer closes the socket."""
+        while gate is not None and not gate.is_set():
+            self._pause(0.02)
+
     # -- routes --------------------------------------------------------------
     def do_GET(self):  # noqa: N802 - stdlib name
         rec, cfg = self._begin()
@@ -291,6 +310,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if cfg["header_delay"]:
                 self._pause(cfg["header_delay"])
+            self._hold(cfg["hold_headers"])
             self._generate_inner(rec, cfg, chat)
         except _Disconnected:
             self.close_connection = True
@@ -400,12 +420,12 @@ class _Handler(BaseHTTPRequestHandler):
                 for j in range(cfg["n_reasoning_chunks"]):
                     for i in range(n):
                         yield -1, event([choice(i, {cfg["reasoning_field"]: fake._thought(i, j)})])
-        for j in range(k):
+        # Like vLLM 0.32: the last token's text travels in the chunk that carries finish_reason.
+        for j in range(max(k, 1)):
+            last = j == max(k, 1) - 1
             for i in range(n):
-                text = f"{cfg['word']}{i}.{j} "
-                yield j, event([choice(i, {"content": text} if chat else text)])
-        for i in range(n):
-            yield k, event([choice(i, {"content": ""} if chat else "", finish)])
+                text = f"{cfg['word']}{i}.{j} " if j < k else ""
+                yield j, event([choice(i, {"content": text} if chat else text, finish if last else None)])
         if usage is not None:
             yield k, event([], usage=usage)
         yield k, b"data: [DONE]\n\n"
@@ -435,8 +455,12 @@ class _Handler(BaseHTTPRequestHandler):
                         return
                     if cfg["fault"] == "stall":
                         self._pause(cfg["stall_seconds"])
+                        self._hold(cfg["hold_stream"])
                     if cfg["fault"] == "garbage":
                         self._chunk(rec, b"data: {this is not json at all\n\n")
+                    if cfg["fault"] == "error":
+                        self._chunk(rec, b"data: " + _dumps(ENGINE_ERROR) + b"\n\ndata: [DONE]\n\n")
+                        break
                 self._chunk(rec, data)
             self._write(None, b"0\r\n\r\n")  # end of chunked body: framing, not body bytes
             self.fake._count(gen, streams_finished=1)

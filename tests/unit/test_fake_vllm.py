@@ -2,10 +2,12 @@
 vLLM 0.32 (shapes and error bodies from the shared measurements)."""
 
 import json
+import threading
 
 import requests
 
 from unit_helpers import raw_http, read_events_then_hang_up, sse_json
+from wire import wait_until
 
 
 def test_models_lists_the_served_model_with_max_model_len(fake_vllm):
@@ -34,7 +36,11 @@ def test_chat_stream_has_role_chunk_interleaved_indexes_and_done(fake_vllm):
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     content_indexes = [e["choices"][0]["index"] for e in events if e["choices"][0]["delta"].get("content")]
     assert content_indexes[:6] == [0, 1, 2, 0, 1, 2]
+    # vLLM 0.32: the last token rides with finish_reason; every other chunk says null explicitly.
     assert [e["choices"][0]["finish_reason"] for e in events[-3:]] == ["stop"] * 3
+    assert [e["choices"][0]["delta"]["content"] for e in events[-3:]] == [f"tok{i}.2 " for i in range(3)]
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-3])
+    assert len(events) == 3 * (1 + 3)
     assert fake_vllm.wait_for(lambda: fake_vllm.streams_finished == 1 and fake_vllm.open_streams == 0, 1)
 
 
@@ -52,3 +58,25 @@ def test_fake_records_request_bodies(fake_vllm):
     requests.post(fake_vllm.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=5)
     assert fake_vllm.last_body == {"prompt": "x", "max_tokens": 2}
     assert json.loads(fake_vllm.requests[-1].response_body)["choices"][0]["finish_reason"] == "length"
+
+
+def test_usage_chunk_only_when_asked(fake_vllm):
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    plain = sse_json(requests.post(fake_vllm.url + "/v1/chat/completions", json=body, timeout=5).content)
+    assert all(e["choices"] for e in plain)
+    asked = sse_json(requests.post(fake_vllm.url + "/v1/chat/completions", timeout=5,
+                                   json={**body, "stream_options": {"include_usage": True}}).content)
+    assert asked[-1]["choices"] == [] and asked[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_held_headers_wait_for_the_test(fake_vllm):
+    fake_vllm.hold_headers = gate = threading.Event()
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(requests.post(
+        fake_vllm.url + "/v1/completions", json={"prompt": "x"}, timeout=5)))
+    thread.start()
+    wait_until(lambda: fake_vllm.generation_requests, 2, "the request")
+    assert not answers
+    gate.set()
+    thread.join(5)
+    assert answers[0].status_code == 200

@@ -3,7 +3,8 @@ know either name see the thoughts; /v1/chat/completions leaves bytes alone."""
 
 import pytest
 
-from unit_helpers import ALICE_KEY, DCE_EXTENSION_BODY, bearer, read_like_extension, sse_json
+from unit_helpers import ALICE_KEY, DCE_EXTENSION_BODY, bearer, sse_json
+from wire import read_extension_body
 
 AUTH = bearer(ALICE_KEY)
 BOTH = ("reasoning", "reasoning_content")
@@ -34,7 +35,9 @@ def test_stream_reasoning_is_mirrored_on_dce_proxy(client, thinking_fake):
 
 def test_extension_still_reads_the_answer_when_reasoning_is_mirrored(client, thinking_fake):
     r = client.post("/api/dce/proxy", json=DCE_EXTENSION_BODY, headers=AUTH)
-    assert read_like_extension(r.get_data()) == (thinking_fake.expected_text(0), True, "stop")
+    shown = read_extension_body(r.get_data())
+    assert shown.shown == (thinking_fake.expected_text(0), "stop")
+    assert shown.reasoning == thinking_fake.expected_reasoning(0)
 
 
 def test_non_stream_reasoning_is_mirrored_on_dce_proxy(client, thinking_fake):

@@ -13,7 +13,8 @@ import pytest
 import requests
 
 from unit_helpers import ALICE_KEY, BOB_KEY, DCE_EXTENSION_BODY, basic, bearer, raw_http, \
-    read_events_then_hang_up, read_like_extension, sse_json, timed_events
+    read_events_then_hang_up, sse_json, timed_events
+from wire import read_extension_body
 
 STREAMS = {
     "/api/dce/proxy": DCE_EXTENSION_BODY,
@@ -61,7 +62,7 @@ def test_extension_request_through_the_real_server(default_proxy_server, fake_vl
     r = requests.post(f"{default_proxy_server.url}/k/{ALICE_KEY}/api/dce/proxy", data=json.dumps(DCE_EXTENSION_BODY),
                       headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 200
-    assert read_like_extension(r.content) == (fake_vllm.expected_text(0), True, "stop")
+    assert read_extension_body(r.content).shown == (fake_vllm.expected_text(0), "stop")
 
 
 def test_client_disconnect_closes_upstream_and_frees_the_slot(proxy_server, fake_vllm):
@@ -116,7 +117,7 @@ def test_concurrency_cap_across_simultaneous_requests_is_per_key(proxy_server, f
             assert retry_after and int(retry_after) >= 1
             assert json.loads(content)["error"]["type"] == "rate_limit_error"
         else:
-            assert len(sse_json(content)) == 1 + 16 + 1
+            assert len(sse_json(content)) == 1 + 16
     # Streams that ended normally gave their slots back.
     again = requests.post(url, json={**body, "stream": False}, headers=bearer(ALICE_KEY), timeout=10)
     assert again.status_code == 200

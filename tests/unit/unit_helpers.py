@@ -35,26 +35,6 @@ def sse_json(raw: bytes | str) -> list[dict[str, Any]]:
     return [json.loads(d) for d in data[:-1]]
 
 
-def read_like_extension(raw: bytes | str) -> tuple[str, bool, str | None]:
-    """Parse a stream the way the DCE extension v1.2.0 does: split on blank
-    lines, take `data: ` lines, skip `[DONE]`, append choices[0].delta.content,
-    a non-null finish_reason means done. Returns (text, done, finish_reason)."""
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    content, done, reason = "", False, None
-    for block in text.split("\n\n"):
-        for line in block.split("\n"):
-            if not line.startswith("data: "):
-                continue
-            payload = line[len("data: "):]
-            if payload == "[DONE]":
-                continue
-            choice = json.loads(payload)["choices"][0]
-            content += choice.get("delta", {}).get("content") or ""
-            if choice.get("finish_reason") is not None:
-                done, reason = True, choice["finish_reason"]
-    return content, done, reason
-
-
 def assert_error(resp, status: int, type_: str | None = None, param: str | None = None) -> dict[str, Any]:
     """The contract's error shape: {"error": {"message": str, "type": str, "code": str|int}}."""
     body = resp.get_data() if hasattr(resp, "get_data") else resp.content

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app
 
+from ..chunks import choices, error_chunks, for_extension, mirror_reasoning
 from ..errors import ApiError, upstream_garbage
 from ..limits import holds_generation_slot
 from ..payload import (boolean, check_messages, integer, json_object, number, stop_sequences, string)
@@ -17,27 +18,8 @@ _SEED_RANGE = (-(2**63), 2**63 - 1)
 
 # -- /api/dce/proxy: the extension v1.2.0, unchanged ------------------------------------------------
 
-def _mirror_reasoning(part: object) -> None:
-    """vLLM now says `reasoning`; the extension reads `reasoning_content`. Give it both."""
-    if not isinstance(part, dict):
-        return
-    if part.get("reasoning") is not None and part.get("reasoning_content") is None:
-        part["reasoning_content"] = part["reasoning"]
-    elif part.get("reasoning_content") is not None and part.get("reasoning") is None:
-        part["reasoning"] = part["reasoning_content"]
-
-
-def _choices(payload: dict) -> list:
-    choices = payload.get("choices")
-    if not isinstance(choices, list):
-        return []
-    return [choice for choice in choices if isinstance(choice, dict) and isinstance(choice.get("index", 0), int)]
-
-
 def extension_error_event(error: ApiError) -> bytes:
-    # The extension only reads choices[0]: put the message where it shows, and end the tab.
-    return data_event({**error.body(), "choices": [{
-        "index": 0, "delta": {"content": f"\n\n[DCE proxy error: {error.message}]"}, "finish_reason": "error"}]})
+    return b"".join(data_event(chunk) for chunk in error_chunks(error))
 
 
 @bp.post("/proxy")
@@ -49,14 +31,12 @@ def extension_proxy():
     counts["completion_tokens"] = 0
 
     def rewrite_event(payload: dict) -> bytes:
-        for choice in _choices(payload):
-            _mirror_reasoning(choice.get("delta"))
-            counts["completion_tokens"] += 1
-        return data_event(payload)
+        counts["completion_tokens"] += len(choices(payload))
+        return b"".join(data_event(chunk) for chunk in for_extension(payload))
 
     def rewrite_json(payload: dict) -> dict:
-        for choice in _choices(payload):
-            _mirror_reasoning(choice.get("message"))
+        for choice in choices(payload):
+            mirror_reasoning(choice.get("message"))
         return payload
 
     return forward("/v1/chat/completions", body, error_event=extension_error_event,
@@ -108,7 +88,7 @@ def generate():
 
     def rewrite_event(payload: dict) -> bytes:
         out = b""
-        for choice in _choices(payload):
+        for choice in choices(payload):
             index = choice.get("index", 0)
             text = _choice_text(choice)
             if text:
@@ -119,12 +99,12 @@ def generate():
         return out
 
     def rewrite_json(payload: dict) -> dict:
-        choices = sorted(_choices(payload), key=lambda choice: choice.get("index", 0))
-        if len(choices) != upstream_body["n"]:
-            raise upstream_garbage(f"vLLM returned {len(choices)} answers instead of {upstream_body['n']}.")
+        answers = sorted(choices(payload), key=lambda choice: choice.get("index", 0))
+        if len(answers) != upstream_body["n"]:
+            raise upstream_garbage(f"vLLM returned {len(answers)} answers instead of {upstream_body['n']}.")
         return {
-            "responses": [_choice_text(choice) or "" for choice in choices],
-            "finish_reasons": [choice.get("finish_reason") for choice in choices],
+            "responses": [_choice_text(choice) or "" for choice in answers],
+            "finish_reasons": [choice.get("finish_reason") for choice in answers],
             "usage": payload.get("usage", {}),
             "model": payload.get("model", upstream_body.get("model")),
         }
