@@ -26,8 +26,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # trained vocabulary: 2048 and 2049 (asserted below; tests bias the sampling towards </think>).
 THINK_TOKENS = ["<think>", "</think>"]
 # ChatML. Like Qwen3's template, the answer starts after a closed, empty think block unless the
-# request asks for thinking (chat_template_kwargs {"enable_thinking": true}): vLLM then reads what
-# the model writes as reasoning until it writes </think>.
+# request asks for thinking (vLLM 0.32 sets enable_thinking from `reasoning_effort`, which the DCE
+# extension sends): vLLM then reads what the model writes as reasoning until it writes </think>.
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
