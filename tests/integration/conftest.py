@@ -5,13 +5,18 @@ from __future__ import annotations
 import figures
 import pytest
 
-from stack import Stack, start_stack
+from stack import REPO, Stack, start_stack
+
+LOG_FILE = REPO / ".test-stack.log"
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
     stack = start_stack(tmp_path_factory.mktemp("stack"))
     yield stack
+    # Kept for reading after a failure: the stack and its logs are gone once it stops.
+    stdout, stderr = stack.compose.get_logs()
+    LOG_FILE.write_text(stdout + stderr)
     stack.compose.stop()
 
 

@@ -46,5 +46,5 @@ def test_completions_stream(client):
 
 def test_vllm_errors_reach_the_sdk(client):
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="local-model", messages=[{"role": "user", "content": "x " * 5000}],
+        client.chat.completions.create(model="local-model", messages=[{"role": "user", "content": "x " * 40000}],
                                        max_tokens=16)

@@ -63,8 +63,14 @@ class Stream(threading.Thread):
 
 def workers() -> list[int]:
     # gunicorn's master is PID 1: its children are the workers.
-    return [int(proc.name) for proc in pathlib.Path("/proc").iterdir()
-            if proc.name.isdigit() and (proc / "stat").read_text().rsplit(")", 1)[1].split()[1] == "1"]
+    return [int(proc.name) for proc in pathlib.Path("/proc").iterdir() if proc.name.isdigit() and parent(proc) == "1"]
+
+
+def parent(proc: pathlib.Path) -> str | None:
+    try:
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+    except OSError:  # the process ended meanwhile (a health check, say)
+        return None
 
 
 def worker_of_each(streams: list[Stream]) -> dict[int, int]:
@@ -77,7 +83,11 @@ def worker_of_each(streams: list[Stream]) -> dict[int, int]:
             inode_of_port[remote_port] = fields[9]
     owner = {}
     for pid in workers():
-        for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            fds = list(pathlib.Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
             try:
                 owner[os.readlink(fd)] = pid
             except OSError:
