@@ -46,7 +46,8 @@ class Stream(threading.Thread):
                     self.ending = "done"
                 elif line.startswith(b"data: "):
                     self.events += 1
-                    self.ending = "error" if b'"error"' in line else self.ending
+                    # The event's own error object, not a token that reads "error".
+                    self.ending = "error" if "error" in json.loads(line[6:]) else self.ending
                     self.streaming.set()
                     if killed.is_set():
                         self.after_kill += 1
