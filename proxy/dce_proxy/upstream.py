@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import urllib3
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, ReadTimeoutError
+from http.client import RemoteDisconnected
+
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, ReadTimeoutError
 
 from .config import Settings
 from .errors import ApiError, upstream_garbage, upstream_timeout, upstream_unavailable
@@ -18,6 +20,9 @@ from .errors import ApiError, upstream_garbage, upstream_timeout, upstream_unava
 _MODELS_TTL_SECONDS = 30
 # A readiness probe, or a refresh that can fall back on the list already known, waits no longer.
 _MODELS_QUICK_TIMEOUT_SECONDS = 3
+# What a pooled keep-alive connection that vLLM had already closed looks like when reused (vLLM's
+# server drops connections idle for 5 s): the request got no answer at all.
+_STALE_CONNECTION = (RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
 @dataclass(frozen=True)
@@ -101,11 +106,7 @@ class Upstream:
         vLLM's own 4xx answers are returned as they are, for the caller to pass through.
         """
         try:
-            response = self._pool.urlopen(
-                method, self._prefix + path, body=body, preload_content=not stream, redirect=False,
-                headers={"Content-Type": "application/json"} if body is not None else None,
-                timeout=timeout or self._timeout,
-            )
+            response = self._urlopen(method, path, body, stream, timeout or self._timeout)
         except ReadTimeoutError:
             raise upstream_timeout("vLLM did not start answering in time.") from None
         except ConnectTimeoutError:  # also a refused connection (NewConnectionError)
@@ -116,6 +117,23 @@ class Upstream:
             response.close()
             raise upstream_unavailable(f"vLLM is not ready (HTTP {response.status}).")
         return response
+
+    def _urlopen(self, method: str, path: str, body: bytes | None, stream: bool,
+                 timeout: urllib3.Timeout) -> urllib3.BaseHTTPResponse:
+        """One request; sent once more, on a new connection, if vLLM closed the connection without
+        any answer: it never handled the request, so even a POST is safe to resend. Once only:
+        a second silent close is vLLM failing, not a stale connection."""
+        for attempt in (1, 2):
+            try:
+                return self._pool.urlopen(
+                    method, self._prefix + path, body=body, preload_content=not stream, redirect=False,
+                    headers={"Content-Type": "application/json"} if body is not None else None,
+                    timeout=timeout,
+                )
+            except ProtocolError as exc:
+                if attempt == 2 or not any(isinstance(arg, _STALE_CONNECTION) for arg in exc.args):
+                    raise
+        raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def read_all(response: urllib3.BaseHTTPResponse) -> bytes:
@@ -133,12 +151,16 @@ def read_all(response: urllib3.BaseHTTPResponse) -> bytes:
 def iter_body(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     """Yields the upstream body chunk by chunk as it arrives; a broken stream raises UpstreamStreamError."""
     try:
-        if response.chunked:
-            # Whole HTTP chunks: vLLM sends one SSE event per chunk, so events go out unsplit.
-            yield from response.read_chunked()
-        else:
-            while chunk := response.read1(65536):
-                yield chunk
+        chunks = response.read_chunked() if response.chunked else iter(lambda: response.read1(65536), b"")
+        # Whole HTTP chunks: vLLM sends one SSE event per chunk, so events go out unsplit.
+        for chunk in chunks:
+            yield chunk
+            # A gevent worker switches to its other connections only when a read or a write would
+            # wait. Once vLLM produces faster than this worker relays (a fast GPU, or busy cores),
+            # reads never wait and one stream would hold the worker: its other streams and new
+            # requests starve and gunicorn, missing the worker's heartbeat, kills it (measured
+            # in the test stack). Patched by gevent, this gives the others their turn each chunk.
+            time.sleep(0)
     except ReadTimeoutError:
         raise UpstreamStreamError(upstream_timeout("vLLM stopped sending tokens (timed out).")) from None
     except HTTPError:

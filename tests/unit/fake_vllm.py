@@ -32,6 +32,9 @@ Controls (plain attributes, reset between tests by `reset()`):
   fault_after      content rounds sent before the fault kicks in
   force_error      (status, json_body) answered to every generation request
   reverse_choices  non-stream: list choices in reverse index order
+  hang_up_requests the next this many generation requests are dropped without
+                   any answer, as a server closing an idle keep-alive connection
+                   just as a request arrives on it
 
 Observability:
   requests         every request received (RecordedRequest, with the response
@@ -77,6 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "hold_stream": None,
     "force_error": None,
     "reverse_choices": False,
+    "hang_up_requests": 0,
 }
 
 
@@ -194,6 +198,13 @@ class FakeVLLM:
             if deltas.get("disconnects"):
                 self.disconnected.set()
 
+    def _take_hang_up(self, generation: int) -> bool:
+        with self._lock:
+            if generation != self._generation or self.hang_up_requests <= 0:
+                return False
+            self.hang_up_requests -= 1
+            return True
+
     def _record(self, generation: int, rec: RecordedRequest) -> None:
         with self._lock:
             if generation == self._generation:
@@ -299,6 +310,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 - stdlib name
         rec, cfg = self._begin()
+        if self.fake._take_hang_up(cfg["generation"]):
+            return self._hang_up()
         if rec.path == "/v1/chat/completions":
             return self._generate(rec, cfg, chat=True)
         if rec.path == "/v1/completions":

@@ -166,3 +166,32 @@ def test_logs_hold_no_key_prompt_or_answer(proxy_server, fake_vllm):
     assert [e["stream"] for e in logged[:5]] == [True, False, True, False, False]
     # Token counts are logged when vLLM reported them (fake: 7 prompt tokens, 3 per choice).
     assert (logged[1]["prompt_tokens"], logged[1]["completion_tokens"]) == (7, 6)
+
+
+def test_a_stream_vllm_floods_does_not_hold_the_worker(default_proxy_server, fake_vllm):
+    """vLLM producing faster than the worker relays (a fast GPU, busy cores): the worker's reads never
+    wait, and without yielding on its own one stream would starve every other connection of the
+    worker (and gunicorn's heartbeat, which kills it). Another request must be answered meanwhile."""
+    fake_vllm.n_chunks = 60_000  # sent back to back, faster than the extension's route rewrites them
+    sock = raw_http(default_proxy_server.port, "POST", "/api/dce/proxy", json.dumps(DCE_EXTENSION_BODY).encode(),
+                    [("Authorization", f"Bearer {ALICE_KEY}"), ("Content-Type", "application/json")])
+    finished = threading.Event()
+
+    def drain():  # a client that reads as fast as it can, so that writes never wait either
+        tail = b""
+        with sock:
+            while chunk := sock.recv(1 << 20):
+                tail = (tail + chunk)[-64:]
+                if b"[DONE]" in tail:
+                    break
+        finished.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    assert fake_vllm.wait_for(lambda: fake_vllm.open_streams == 1, 10)
+    answer = requests.get(default_proxy_server.url + "/healthz", timeout=120)
+    answered_while_streaming = not finished.is_set()
+    reader.join(120)
+    assert answer.status_code == 200
+    assert finished.is_set(), "the flooded stream did not end"
+    assert answered_while_streaming, "the worker answered nothing else until the flooded stream ended"
