@@ -15,9 +15,10 @@ import socket
 import time
 from typing import Callable, Iterator, Protocol
 
+import redis
 from flask import Response, current_app, request
 
-from .errors import ApiError, too_many, upstream_error, upstream_error_answer
+from .errors import ApiError, limits_store_unavailable, too_many, upstream_error, upstream_error_answer
 from .limits import Slot
 from .pump import ENDED, OPENED, Failed, Pump, Refused
 from .sse import DONE, HEARTBEAT
@@ -152,8 +153,12 @@ class _Stream:
         deadline = time.monotonic() + self._queue_timeout
         while True:
             now = time.monotonic()
-            if self._slot.wait(max(min(_POLL_SECONDS, self._next_beat - now, deadline - now), 0.0)):
-                return True
+            try:
+                if self._slot.wait(max(min(_POLL_SECONDS, self._next_beat - now, deadline - now), 0.0)):
+                    return True
+            except redis.RedisError:  # the slots of several workers live in Redis
+                yield self._relay.error_event(limits_store_unavailable()) + DONE
+                return False
             if self._client_gone():
                 return False  # closing the response takes this request out of the line
             now = time.monotonic()
