@@ -83,7 +83,7 @@ class Slot:
             release()
 
 
-def current_slot() -> Slot | None:
+def current_slot() -> Slot:
     return request.environ.get(SLOT)
 
 

@@ -10,7 +10,7 @@ import urllib3
 from flask import Response, current_app, request
 
 from .errors import ApiError, from_upstream, upstream_error_answer, upstream_garbage, upstream_unavailable
-from .limits import SLOT
+from .limits import current_slot
 from .payload import fit_to_model
 from .sse import DONE, EventSplitter, event_data
 from .stream import stream_response
@@ -132,7 +132,7 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
     """Sends a checked body to vLLM (model and token budget fitted) and relays the answer."""
     upstream = current_app.extensions["dce_upstream"]
     fit_to_model(body, upstream.models())
-    slot = request.environ[SLOT]
+    slot = current_slot()
     if body.get("stream"):
         relay = Passthrough(error_event) if rewrite_event is None else Rewriter(rewrite_event, error_event)
         return stream_response(upstream, path, json.dumps(body).encode(), relay, slot)

@@ -40,7 +40,6 @@ class Relay(Protocol):
 
 
 def stream_response(upstream: Upstream, path: str, body: bytes, relay: Relay, slot: Slot) -> Response:
-    settings = current_app.config["DCE_SETTINGS"]
     stream = _Stream(upstream, path, body, relay, slot, _client_gone_probe(request.environ))
     if slot.held:
         stream.start()

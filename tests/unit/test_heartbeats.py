@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from unit_helpers import ALICE_KEY, DCE_EXTENSION_BODY, bearer
-from wire import ExtensionReader, parse_sse, read_extension_body, wait_until
+from wire import parse_sse, read_extension_body, wait_until
 
 STREAMS = {
     "/api/dce/proxy": DCE_EXTENSION_BODY,
