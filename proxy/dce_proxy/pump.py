@@ -22,6 +22,11 @@ log = logging.getLogger("dce_proxy")
 
 OPENED = "opened"
 ENDED = "ended"
+# Chunks read ahead of the client. Bounded, so that a client that reads slowly slows the reading of
+# vLLM (TCP backpressure, as without a pump), and so that the response and the pump take turns:
+# with an unbounded backlog one stream's response could send thousands of chunks without ever
+# letting the gevent loop run (measured: a worker missed gunicorn's 60-s heartbeat and was killed).
+_READ_AHEAD = 32
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,7 @@ class Refused:
 class Pump:
     def __init__(self, upstream: Upstream, path: str, body: bytes):
         self._upstream = upstream
-        self._items: queue.Queue = queue.Queue()
+        self._items: queue.Queue = queue.Queue(maxsize=_READ_AHEAD)
         self._answer: urllib3.BaseHTTPResponse | None = None
         self._closed = False
         threading.Thread(target=self._run, args=(path, body), name="dce-upstream", daemon=True).start()
@@ -58,10 +63,18 @@ class Pump:
                 answer.shutdown()  # ends the pump's read at once, even in a real thread
             except (ValueError, RuntimeError, OSError):
                 pass  # nothing to end: the answer was read to its end
+        # Room for a pump waiting to hand over a chunk nobody will take: it then sees it is closed.
+        while True:
+            try:
+                self._items.get_nowait()
+            except queue.Empty:
+                break
 
     def _run(self, path: str, body: bytes) -> None:
         try:
-            self._items.put(self._pump(path, body))
+            last = self._pump(path, body)
+            if not self._closed:  # nobody takes items any more: a put could wait forever
+                self._items.put(last)
         except Exception:  # a pump that dies silently would leave its client heart-beating forever
             if not self._closed:  # a read cut by close() is the normal end of an abandoned stream
                 log.exception("reading vLLM's stream failed")
@@ -91,7 +104,7 @@ class Pump:
             for chunk in iter_body(answer):
                 if self._closed:
                     return ENDED
-                self._items.put(chunk)
+                self._items.put(chunk)  # waits while the client is _READ_AHEAD chunks behind
         except UpstreamStreamError as exc:
             return Failed(exc.error)
         return ENDED
