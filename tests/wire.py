@@ -24,6 +24,10 @@ from typing import Callable
 import requests
 
 SILENCE_LIMIT = 60.0  # the extension's agentkeepalive socket timeout, in seconds
+# A test holding long streams reads them this slowly (on_chunk sleeps): they only need to be
+# running, and ten or twenty streams read at full speed would take the CPU the test needs for what
+# it measures. The backpressure reaches vLLM, which then sends fewer, larger chunks.
+HELD_STREAM_READ_PAUSE = 0.05
 
 
 def extension_body(prompt: str, **extra) -> dict:

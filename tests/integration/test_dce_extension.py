@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import figures
 
 from stack import LONG_STREAM_TOKENS, MAX_MODEL_LEN, TINY_VOCAB
-from wire import extension_body, post_like_extension, wait_until
+from wire import HELD_STREAM_READ_PAUSE, extension_body, post_like_extension, wait_until
 from vllm_metrics import VllmMetrics
 
 BATCH = 10  # the extension fires this many requests at once
@@ -59,6 +59,7 @@ def test_aborting_one_stream_stops_its_generation_and_spares_the_others(stack):
             chunks[index] = result.chunks
             if result.chunks:
                 streaming[index].set()
+                time.sleep(HELD_STREAM_READ_PAUSE)
             return not stop[index].is_set()
 
         with stack.session() as session:

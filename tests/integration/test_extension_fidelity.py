@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from stack import LONG_STREAM_TOKENS, THINK_END_ID
-from wire import SILENCE_LIMIT, extension_body, post_like_extension, wait_until
+from wire import HELD_STREAM_READ_PAUSE, SILENCE_LIMIT, extension_body, post_like_extension, wait_until
 
 BATCH = 10  # the extension fires one request per tab
 CAP = 20  # DCE_MAX_CONCURRENT in the test stack (the default)
@@ -28,7 +28,8 @@ def _as_sent_to_vllm(body: dict) -> dict:
 class Tabs:
     """A batch of tabs streaming at once; each can be watched (`streaming`) and closed (`close`)."""
 
-    def __init__(self, stack, url: str, bodies: list[dict]):
+    def __init__(self, stack, url: str, bodies: list[dict], *, held: bool = False):
+        self._read_pause = HELD_STREAM_READ_PAUSE if held else 0.0
         self.streaming = [threading.Event() for _ in bodies]
         self.live = [None] * len(bodies)  # each tab's result as it grows
         self._closed = [threading.Event() for _ in bodies]
@@ -40,6 +41,7 @@ class Tabs:
             self.live[index] = result
             if result.chunks:
                 self.streaming[index].set()
+                time.sleep(self._read_pause)
             return not self._closed[index].is_set()
 
         try:
@@ -98,7 +100,7 @@ def test_a_tab_over_the_cap_waits_for_a_slot_then_completes(stack):
     url = f"{stack.base}/k/{stack.load_keys[1]}/api/dce/proxy"
     # The cap's worth of tabs that cannot end by themselves: the test closes them.
     holders = Tabs(stack, url, [extension_body(f"Hold {i}.", max_tokens=LONG_STREAM_TOKENS, ignore_eos=True)
-                                for i in range(CAP)])
+                                for i in range(CAP)], held=True)
     try:
         holders.wait_all_streaming()
         waiting = Tabs(stack, url, [extension_body("One more tab.", max_tokens=16, seed=1)])

@@ -22,7 +22,8 @@ CAP = 20  # DCE_MAX_CONCURRENT in the test stack (the default)
 
 
 def test_three_times_the_concurrency_cap_admits_exactly_the_cap(stack):
-    url = f"{stack.base}/k/{stack.other_key}/api/dce/proxy"
+    # /v1 answers 429 over the cap (SDKs retry); the extension's route queues instead.
+    url = f"{stack.base}/k/{stack.other_key}/v1/chat/completions"
     # Admitted streams cannot end by themselves during the race: the test closes them.
     body = extension_body("Go on.", max_tokens=LONG_STREAM_TOKENS, ignore_eos=True)
     total = 3 * CAP
@@ -70,7 +71,7 @@ def test_three_times_the_concurrency_cap_admits_exactly_the_cap(stack):
     # The race was decided across both workers (the test stack runs two), through Redis.
     lines = stack.container("proxy").logs().decode(errors="replace").splitlines()
     workers = {json.loads(line)["worker"] for line in lines
-               if '"key_id": "other"' in line and '"route": "/api/dce/proxy"' in line}
+               if '"key_id": "other"' in line and '"route": "/v1/chat/completions"' in line}
     assert len(workers) == 2, workers
 
 
