@@ -68,10 +68,15 @@ def test_three_times_the_concurrency_cap_admits_exactly_the_cap(stack):
     assert statuses[200] == CAP, (statuses, refusals, took)
     assert statuses[429] == 2 * CAP, (statuses, refusals)
     assert all(result.chunks and not result.failure for result in results if result.status == 200)
-    # The race was decided across both workers (the test stack runs two), through Redis.
-    lines = stack.container("proxy").logs().decode(errors="replace").splitlines()
-    workers = {json.loads(line)["worker"] for line in lines
-               if '"key_id": "other"' in line and '"route": "/v1/chat/completions"' in line}
+    # The race was decided across both workers (the test stack runs two), through Redis. A stream's
+    # access-log line is written when the proxy has seen it close: wait for all of them.
+    def raced_lines() -> list[dict]:
+        lines = stack.container("proxy").logs().decode(errors="replace").splitlines()
+        return [json.loads(line) for line in lines
+                if '"key_id": "other"' in line and '"route": "/v1/chat/completions"' in line]
+
+    wait_until(lambda: len(raced_lines()) >= total, 60, f"the access log to hold all {total} requests", interval=0.5)
+    workers = {line["worker"] for line in raced_lines()}
     assert len(workers) == 2, workers
 
 
