@@ -85,8 +85,11 @@ def test_aborting_one_stream_stops_its_generation_and_spares_the_others(stack):
                 assert not futures[attempt].done(), f"stream {attempt} ended before its abort: {verdicts}"
                 stop[attempt].set()
                 futures[attempt].result()  # its connection is closed
-                metrics.wait_for(lambda _: _stop_verdict(metrics.samples, closed_at[attempt])[0] is not None,
-                                 STOP_SECONDS + 30, "a sample that tells whether vLLM stopped the aborted stream")
+                try:
+                    metrics.wait_for(lambda _: _stop_verdict(metrics.samples, closed_at[attempt])[0] is not None,
+                                     STOP_SECONDS + 10, "a sample that tells whether vLLM stopped the aborted stream")
+                except AssertionError:
+                    pass  # the samples cannot tell (e.g. the gauge had already moved): the next stream tries
                 stopped, detail = _stop_verdict(list(metrics.samples), closed_at[attempt])
                 verdicts.append(detail)
                 if stopped is not None:

@@ -34,7 +34,11 @@ class Tabs:
         self.live = [None] * len(bodies)  # each tab's result as it grows
         self._closed = [threading.Event() for _ in bodies]
         self._pool = ThreadPoolExecutor(len(bodies))
-        self.futures = [self._pool.submit(self._run, stack, url, body, i) for i, body in enumerate(bodies)]
+        self.futures = []
+        for i, body in enumerate(bodies):
+            self.futures.append(self._pool.submit(self._run, stack, url, body, i))
+            if held:  # one at a time: twenty TLS handshakes at once starve this machine's second core
+                self.streaming[i].wait(120)
 
     def _run(self, stack, url, body, index):
         def on_chunk(result):
