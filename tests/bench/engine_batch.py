@@ -38,7 +38,7 @@ REPO = BENCH_DIR.parents[1]
 # The integration suite's stack set-up and extension client, reused as they are (pytest.ini's paths).
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "integration")]
 import stack as test_stack  # noqa: E402
-from wire import extension_body  # noqa: E402
+from wire import extension_body, read_extension_body, sse_events  # noqa: E402
 from run_bench import CPUS, TICK, read_machine_ticks  # noqa: E402
 
 PROJECT = "dce-bench"
@@ -103,6 +103,30 @@ def cpu_seconds(stack: test_stack.Stack) -> dict[str, float]:
     return seconds
 
 
+def read_stack(stream: dict) -> dict:
+    """What the extension shows of a stream through the stack (its own rules, tests/wire.py)."""
+    shown = read_extension_body(stream.pop("body"), stream["status"])
+    return {"text": (shown.reasoning, shown.content), "finish_reason": shown.finish_reason,
+            "errors": [shown.failure] if shown.failure else []}
+
+
+def read_direct(stream: dict) -> dict:
+    """What vLLM generated: every delta of choice 0 joined, the finishing chunk's included."""
+    reasoning, content, finish_reason, errors = "", "", None, []
+    for data in sse_events(stream.pop("body")):
+        if data == "[DONE]":
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk:
+            errors.append(chunk["error"])
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            reasoning += delta.get("reasoning") or ""
+            content += delta.get("content") or ""
+            finish_reason = choice.get("finish_reason") or finish_reason
+    return {"text": (reasoning, content), "finish_reason": finish_reason, "errors": errors}
+
+
 def run_batch(stack: test_stack.Stack, path: str, client_code: str) -> dict:
     env = {"BATCH_BODIES": json.dumps(batch_bodies(path))}
     if path == "direct":
@@ -116,6 +140,8 @@ def run_batch(stack: test_stack.Stack, path: str, client_code: str) -> dict:
     if done.exit_code != 0:
         raise RuntimeError(f"batch_client.py ({path}) exited with {done.exit_code}: {output[-1500:]}")
     result = json.loads(output.strip().splitlines()[-1])
+    for stream in result["streams"]:
+        stream.update(read_stack(stream) if path == "stack" else read_direct(stream))
     failed = [s for s in result["streams"] if s["status"] != 200 or s["errors"] or s["finish_reason"] != "length"]
     if failed:
         raise RuntimeError(f"{len(failed)} of {BATCH} {path} streams failed, first: {failed[0]}")
