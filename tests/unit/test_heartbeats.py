@@ -95,3 +95,13 @@ def test_a_real_stall_still_ends_with_the_visible_error(proxy_server, fake_vllm)
     assert result.content.startswith(fake_vllm.expected_text(0, 2) + "\n\n[DCE proxy error: ")
     assert result.finish_reason == "error" and result.saw_done
     wait_until(lambda: fake_vllm.disconnects, 5, "vLLM to see the proxy close the stalled stream")
+
+
+def test_a_new_workers_first_stream_beats_while_vllm_is_silent(proxy_server, fake_vllm):
+    # Each worker reads the model list as it starts: its first request must not wait on a silent
+    # vLLM's list with nothing sent (the client would give up after 60 s).
+    server = proxy_server(DCE_HEARTBEAT_SECONDS="0.2")
+    fake_vllm.models_delay = 30
+    fake_vllm.hold_headers = gate = threading.Event()
+    body = read_through_silence(server, "/api/dce/proxy", gate)
+    assert parse_sse(body).comments >= 2 and parse_sse(body).events[-1] == "[DONE]"
