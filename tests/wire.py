@@ -160,8 +160,9 @@ def post_like_extension(session: requests.Session, url: str, body: dict, *,
     after `silence_limit` seconds without a byte. `on_chunk(result)` runs after each chunk of bytes;
     returning False closes the socket, like the stop button."""
     try:
+        # The agent's one socket timeout covers connecting and the TLS handshake too.
         response = session.post(url, data=json.dumps(body), headers={"Content-Type": "application/json"},
-                                stream=True, timeout=(10, silence_limit))
+                                stream=True, timeout=(silence_limit, silence_limit))
     except requests.Timeout:
         return ExtensionResult(failure="Socket timeout")
     except requests.ConnectionError as exc:
