@@ -20,3 +20,9 @@ loglevel = os.environ.get("DCE_LOG_LEVEL", "info")
 wsgi_app = "dce_proxy:create_app()"
 # No runtime control socket: nothing uses it, and the container's root filesystem is read-only.
 control_socket_disable = True
+
+
+def post_worker_init(worker):
+    # Each worker learns vLLM's model list as it starts, while vLLM is up (the proxy starts after
+    # it is healthy): a first request then never waits on a silent engine with nothing sent.
+    worker.wsgi.extensions["dce_upstream"].learn_models()

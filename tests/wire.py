@@ -24,6 +24,10 @@ from typing import Callable
 import requests
 
 SILENCE_LIMIT = 60.0  # the extension's agentkeepalive socket timeout, in seconds
+# A test holding long streams reads them this slowly (on_chunk sleeps): they only need to be
+# running, and ten or twenty streams read at full speed would take the CPU the test needs for what
+# it measures. The backpressure reaches vLLM, which then sends fewer, larger chunks.
+HELD_STREAM_READ_PAUSE = 0.05
 
 
 def extension_body(prompt: str, **extra) -> dict:
@@ -156,8 +160,9 @@ def post_like_extension(session: requests.Session, url: str, body: dict, *,
     after `silence_limit` seconds without a byte. `on_chunk(result)` runs after each chunk of bytes;
     returning False closes the socket, like the stop button."""
     try:
+        # The agent's one socket timeout covers connecting and the TLS handshake too.
         response = session.post(url, data=json.dumps(body), headers={"Content-Type": "application/json"},
-                                stream=True, timeout=(10, silence_limit))
+                                stream=True, timeout=(silence_limit, silence_limit))
     except requests.Timeout:
         return ExtensionResult(failure="Socket timeout")
     except requests.ConnectionError as exc:

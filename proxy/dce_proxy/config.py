@@ -37,6 +37,8 @@ class Settings:
     default_max_tokens: int = 4096
     max_body_bytes: int = 50 * 1024 * 1024
     first_byte_timeout: float = 300.0
+    heartbeat_seconds: float = 15.0
+    queue_timeout: float = 300.0
     connect_timeout: float = 5.0
     ratelimit_storage_uri: str = "memory://"
     workers: int = 1
@@ -64,6 +66,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_body_bytes=reader.integer("DCE_MAX_BODY_MB", 50, 1, 10_000) * 1024 * 1024,
         first_byte_timeout=reader.number("DCE_FIRST_BYTE_TIMEOUT", Settings.first_byte_timeout),
         connect_timeout=reader.number("DCE_CONNECT_TIMEOUT", Settings.connect_timeout),
+        # Below the DCE extension's 60 s socket timeout, or the heartbeats would not keep it open.
+        heartbeat_seconds=reader.number("DCE_HEARTBEAT_SECONDS", Settings.heartbeat_seconds, high=55),
+        queue_timeout=reader.number("DCE_QUEUE_TIMEOUT", Settings.queue_timeout),
         ratelimit_storage_uri=env.get("DCE_RATELIMIT_STORAGE_URI", Settings.ratelimit_storage_uri),
         workers=reader.integer("DCE_PROXY_WORKERS", Settings.workers, 1, 64),
     )
@@ -119,7 +124,7 @@ class _Reader:
             raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
         return number
 
-    def number(self, name: str, default: float) -> float:
+    def number(self, name: str, default: float, high: float = 1e6) -> float:
         value = self._raw(name)
         if value is None:
             return default
@@ -127,8 +132,8 @@ class _Reader:
             number = float(value)
         except ValueError:
             raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
-        if not 0 < number < 1e6:
-            raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not 0 < number < high:
+            raise ConfigError(f"{name} must be a positive number of seconds below {high:.0f}, got {value!r}")
         return number
 
     def rate_limit(self, name: str, default: str) -> str:

@@ -84,6 +84,29 @@ def from_upstream(error: dict, status: int) -> ApiError:
                     code if isinstance(code, (str, int)) and not isinstance(code, bool) else "upstream_error")
 
 
+def _vllm_error_object(body: bytes) -> dict | None:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return parsed["error"] if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict) else None
+
+
+def upstream_error(status: int, body: bytes) -> ApiError:
+    """vLLM's error answer as an ApiError: its own when it is the JSON error we expect, else a 502."""
+    error = _vllm_error_object(body)
+    if error is None:
+        return upstream_garbage(f"vLLM answered HTTP {status} without a JSON error.")
+    return from_upstream(error, status)
+
+
+def upstream_error_answer(status: int, body: bytes) -> Response:
+    """vLLM's own error, passed through with its status and bytes when it is the JSON error we expect."""
+    if _vllm_error_object(body) is None:
+        raise upstream_error(status, body)
+    return Response(body, status=status, mimetype="application/json")
+
+
 def limits_store_unavailable() -> ApiError:
     return ApiError(503, "The limits store (Redis) is not reachable; try again shortly.",
                     "server_error", "limits_store_unavailable", retry_after=5)

@@ -1,4 +1,5 @@
-"""Request rate (flask-limiter) and in-flight generations (slots.py) per client, both answered with 429."""
+"""Request rate (flask-limiter) and in-flight generations (slots.py) per client: a 429 over either,
+or, on the DCE extension's route, a wait in line for a slot."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import redis
 from flask import Flask, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded
 
-from .errors import limits_store_unavailable, too_many
-from .slots import Release, once, slot_store
+from .errors import ApiError, limits_store_unavailable, too_many
+from .slots import Release, Ticket, slot_store
 
-# Where a view's request keeps the callback that frees its generation slot (see the relay).
-GENERATION_ENDED = "dce.generation_ended"
+# Where a view's request keeps its generation Slot (see stream.py).
+SLOT = "dce.slot"
 # A finished stream frees its slot at once; this only tells clients when to look again.
 _SLOT_RETRY_AFTER = 2
 
@@ -52,34 +53,80 @@ def init_limits(app: Flask) -> Limiter:
     return limiter
 
 
-def acquire_slot() -> Release:
+class Slot:
+    """A request's in-flight slot: held from the start, or waited for in its client's line (a stream
+    on /api/dce/proxy, see stream.py). Freed once, by whichever comes first: vLLM's stream ends, the
+    response closes (the client went away), or the view failed; a request still in line leaves it."""
+
+    def __init__(self, release: Release | None, ticket: Ticket | None, refusal: ApiError):
+        self._release = release
+        self._ticket = ticket
+        self.refusal = refusal  # the 429 of a request that may not wait
+
+    @property
+    def held(self) -> bool:
+        return self._release is not None
+
+    def wait(self, timeout: float) -> bool:
+        """Waits up to `timeout` seconds for this request's turn; True once the slot is held."""
+        release = self._ticket.wait(timeout)
+        if release is not None:
+            self._ticket, self._release = None, release
+        return self.held
+
+    def free(self) -> None:
+        if self._ticket is not None:
+            self._ticket.leave()
+            self._ticket = None
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+def current_slot() -> Slot:
+    return request.environ.get(SLOT)
+
+
+def _take_slot(may_wait: bool) -> Slot:
     cap = current_app.config["DCE_SETTINGS"].max_concurrent
-    release = current_app.extensions["dce_slots"].acquire(client_id(), cap)
-    if release is None:
-        raise too_many(f"Too many generations in flight for this key (limit {cap}). "
+    store = current_app.extensions["dce_slots"]
+    refusal = too_many(f"Too many generations in flight for this key (limit {cap}). "
                        "Wait for one to finish.", "too_many_concurrent_requests", _SLOT_RETRY_AFTER)
-    return once(release)
+    release = store.acquire(client_id(), cap)
+    if release is None and not may_wait:
+        raise refusal
+    return Slot(release, None if release is not None else store.join(client_id(), cap), refusal)
 
 
-def holds_generation_slot(view):
-    """Wraps a view that starts a generation: the slot is freed when its response is closed,
-    which for a stream is when it ends or the client goes away."""
-
+def _holding_slot(view, may_wait: bool):
     @functools.wraps(view)
     def wrapper(*args, **kwargs):
-        release = acquire_slot()
-        # The relay frees the slot the moment vLLM's stream ends, before the client gets the last
+        slot = _take_slot(may_wait)
+        # The stream frees the slot the moment vLLM's stream ends, before the client gets the last
         # bytes: a client that starts its next generation at once must find the slot free.
-        request.environ[GENERATION_ENDED] = release
+        request.environ[SLOT] = slot
         try:
             response = view(*args, **kwargs)
         except BaseException:
-            release()
+            slot.free()
             raise
         if response.is_streamed:
-            response.call_on_close(release)  # also when the client goes away mid-stream
+            response.call_on_close(slot.free)  # also when the client goes away mid-stream
         else:
-            release()  # the whole answer is already read from vLLM
+            slot.free()  # the whole answer is already read from vLLM
         return response
 
     return wrapper
+
+
+def holds_generation_slot(view):
+    """Wraps a view that starts a generation: over the client's cap it is a 429 with Retry-After
+    (what OpenAI SDKs expect: they retry); the slot is freed when the generation ends."""
+    return _holding_slot(view, may_wait=False)
+
+
+def waits_for_generation_slot(view):
+    """Like holds_generation_slot, but a stream over the cap waits in line for a slot instead (the
+    DCE extension never retries: a 429 is a failed tab). A request that is not a stream still gets
+    the 429."""
+    return _holding_slot(view, may_wait=True)

@@ -1,4 +1,5 @@
-"""In-flight generation slots per client: in this process, or shared by every worker in Redis."""
+"""In-flight generation slots per client, in this process or shared by every worker in Redis, and the
+first-come-first-served line of requests waiting for one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Callable
 
 import redis
@@ -20,6 +21,8 @@ Release = Callable[[], None]
 # its worker last renewed it, so those slots come back by themselves.
 LEASE_SECONDS = 30
 _RENEW_EVERY_SECONDS = 10
+# How often the first request of a line asks again for a slot that may have been freed elsewhere.
+_RETRY_SECONDS = 0.2
 
 # Atomic in Redis: drop lapsed leases, refuse at the cap, else take a lease. Redis's clock, so the
 # workers' clocks do not matter.
@@ -44,14 +47,113 @@ return #KEYS
 """
 
 
-class LocalSlots:
-    """One worker: a counter in this process is exact."""
+class Ticket:
+    """One request's place in its client's line, in this worker."""
+
+    def __init__(self, line: "_Line", client: str, cap: int):
+        self.client = client
+        self.cap = cap
+        self._line = line
+        self.woken = threading.Event()
+
+    def wait(self, timeout: float) -> Release | None:
+        """The slot, if this ticket's turn came and a slot was free within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            release = self._line.take_if_first(self)
+            if release is not None:
+                return release
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            # Woken by a release in this worker; a slot freed elsewhere (Redis) is seen on the retry.
+            self.woken.wait(min(remaining, _RETRY_SECONDS))
+            self.woken.clear()
+
+    def leave(self) -> None:
+        self._line.leave(self)
+
+
+class _Line:
+    """This worker's requests waiting for a slot, one first-come-first-served line per client."""
+
+    def __init__(self, take: Callable[[str, int], Release | None]):
+        self._take = take
+        self._lock = threading.Lock()
+        self._waiting: dict[str, deque[Ticket]] = {}
+
+    def busy(self, client: str) -> bool:
+        return bool(self._waiting.get(client))
+
+    def join(self, client: str, cap: int) -> Ticket:
+        ticket = Ticket(self, client, cap)
+        with self._lock:
+            self._waiting.setdefault(client, deque()).append(ticket)
+        return ticket
+
+    def take_if_first(self, ticket: Ticket) -> Release | None:
+        with self._lock:
+            line = self._waiting.get(ticket.client)
+            if not line or line[0] is not ticket:
+                return None
+            release = self._take(ticket.client, ticket.cap)
+            if release is not None:
+                self._pop_first(ticket.client)
+            return release
+
+    def leave(self, ticket: Ticket) -> None:
+        with self._lock:
+            line = self._waiting.get(ticket.client)
+            if not line or ticket not in line:
+                return
+            if line[0] is ticket:
+                self._pop_first(ticket.client)
+            else:
+                line.remove(ticket)
+
+    def wake(self, client: str) -> None:
+        """A slot of `client` was freed: the first in its line tries for it now."""
+        line = self._waiting.get(client)
+        if line:
+            line[0].woken.set()
+
+    def _pop_first(self, client: str) -> None:
+        line = self._waiting[client]
+        line.popleft()
+        if line:
+            line[0].woken.set()  # the next one's turn: it tries at once
+        else:
+            del self._waiting[client]
+
+
+class _Slots:
+    """A cap of slots per client. A request that finds the cap full either gives up (acquire) or
+    joins its client's line (join); nobody takes a slot past a client's waiting line."""
 
     def __init__(self):
+        self._line = _Line(self._take)
+
+    def acquire(self, client: str, cap: int) -> Release | None:
+        if self._line.busy(client):
+            return None
+        return self._take(client, cap)
+
+    def join(self, client: str, cap: int) -> Ticket:
+        return self._line.join(client, cap)
+
+    def _take(self, client: str, cap: int) -> Release | None:
+        raise NotImplementedError
+
+
+class LocalSlots(_Slots):
+    """One worker: a counter in this process is exact, and its line is the whole service's."""
+
+    def __init__(self):
+        super().__init__()
         self._held: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def acquire(self, client: str, cap: int) -> Release | None:
+    def _take(self, client: str, cap: int) -> Release | None:
         with self._lock:
             if self._held[client] >= cap:
                 return None
@@ -62,14 +164,21 @@ class LocalSlots:
                 self._held[client] -= 1
                 if not self._held[client]:
                     del self._held[client]
+            self._line.wake(client)
 
         return release
 
 
-class LeasedSlots:
-    """Several workers: one sorted set of leases per client in Redis, renewed while held."""
+class LeasedSlots(_Slots):
+    """Several workers: one sorted set of leases per client in Redis, renewed while held.
+
+    Each worker keeps its own waiting line, whose first request asks Redis every _RETRY_SECONDS (at
+    once when a slot of this worker frees): the order is first-come-first-served within a worker,
+    not across workers.
+    """
 
     def __init__(self, uri: str):
+        super().__init__()
         self._redis = redis.Redis.from_url(uri, socket_timeout=2, socket_connect_timeout=2)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
@@ -77,7 +186,7 @@ class LeasedSlots:
         self._ids = itertools.count()
         self._renewer: threading.Thread | None = None
 
-    def acquire(self, client: str, cap: int) -> Release | None:
+    def _take(self, client: str, cap: int) -> Release | None:
         key = f"dce-slots/{client}"
         lease = f"{os.getpid()}-{id(self)}-{next(self._ids)}"
         # A RedisError here becomes the 503 of limits.py's error handler, as flask-limiter's do.
@@ -92,6 +201,7 @@ class LeasedSlots:
                 self._redis.zrem(key, lease)
             except redis.RedisError:
                 log.warning("could not free a slot in Redis; its lease lapses within %d s", LEASE_SECONDS)
+            self._line.wake(client)
 
         return release
 
@@ -111,19 +221,6 @@ class LeasedSlots:
                 self._renew(keys=list(held.values()), args=[LEASE_SECONDS, *held])
             except redis.RedisError:
                 log.warning("could not renew %d slot lease(s) in Redis", len(held))
-
-
-def once(release: Release) -> Release:
-    """The same release, safe to call from every place that may end a generation."""
-    done = False
-
-    def release_once():
-        nonlocal done
-        if not done:
-            done = True
-            release()
-
-    return release_once
 
 
 def slot_store(storage_uri: str) -> LocalSlots | LeasedSlots:

@@ -1,27 +1,36 @@
-"""Server-sent events: splitting an upstream byte stream into events, and writing events."""
+"""Server-sent events: splitting an upstream byte stream into events, and writing events and heartbeats."""
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Iterable, Iterator
 
 DONE = b"data: [DONE]\n\n"
+# An SSE comment: clients ignore it, but it keeps their socket (and every proxy on the way) from
+# timing out while vLLM is silent.
+HEARTBEAT = b": keep-alive\n\n"
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
-def split_events(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Yields each complete event (without its blank line) as soon as its last byte arrived."""
-    buffer = b""
-    for chunk in chunks:
-        buffer += chunk
-        start = 0
+class EventSplitter:
+    """Cuts an upstream byte stream into complete events (without their blank line) as bytes arrive."""
+
+    def __init__(self):
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buffer = self._buffer + chunk
+        events, start = [], 0
         for end in _EVENT_END.finditer(buffer):
-            yield buffer[start:end.start()]
+            events.append(buffer[start:end.start()])
             start = end.end()
-        buffer = buffer[start:]
-    if buffer.strip():
-        yield buffer
+        self._buffer = buffer[start:]
+        return events
+
+    def rest(self) -> list[bytes]:
+        """The last event, when the stream ended without its blank line."""
+        rest, self._buffer = self._buffer, b""
+        return [rest] if rest.strip() else []
 
 
 def event_data(event: bytes) -> bytes | None:

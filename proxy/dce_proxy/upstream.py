@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, Re
 from .config import Settings
 from .errors import ApiError, upstream_garbage, upstream_timeout, upstream_unavailable
 
+log = logging.getLogger("dce_proxy")
+
 # vLLM can be swapped for another model without a proxy restart; re-read its model list this often.
 _MODELS_TTL_SECONDS = 30
 # A readiness probe, or a refresh that can fall back on the list already known, waits no longer.
@@ -23,6 +27,12 @@ _MODELS_QUICK_TIMEOUT_SECONDS = 3
 # What a pooled keep-alive connection that vLLM had already closed looks like when reused (vLLM's
 # server drops connections idle for 5 s): the request got no answer at all.
 _STALE_CONNECTION = (RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+# TCP keep-alive probes on every connection to vLLM: a vLLM that vanished without closing its
+# connections (host gone, network cut) is noticed within about 20 s. Without them a stream would wait
+# out DCE_FIRST_BYTE_TIMEOUT while its heartbeats keep the client waiting. A vLLM that is only
+# silent (a long prefill, a paused container) still answers the probes from its kernel.
+_KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5),
+              (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5), (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)]
 
 
 @dataclass(frozen=True)
@@ -51,8 +61,9 @@ class Upstream:
         # urllib3 itself, not requests: one pool to one host needs none of requests' per-call
         # session merging, which cost a third of the proxy's CPU per request (py-spy, make bench).
         # No retries: a POST may already be generating. Not blocking: every stream gets a connection.
-        self._pool = urllib3.connection_from_url(settings.vllm_url, maxsize=2048, block=False, retries=False,
-                                                 timeout=self._timeout)
+        self._pool = urllib3.connection_from_url(
+            settings.vllm_url, maxsize=2048, block=False, retries=False, timeout=self._timeout,
+            socket_options=urllib3.connection.HTTPConnection.default_socket_options + _KEEPALIVE)
         self._models: ModelInfo | None = None
         self._models_fetched_at = 0.0
         self._models_lock = threading.Lock()
@@ -78,6 +89,13 @@ class Upstream:
             # After a failed refresh too: the next try waits a full TTL rather than slowing every request.
             self._models_fetched_at = time.monotonic()
             return self._models
+
+    def learn_models(self) -> None:
+        """Reads the model list now if vLLM answers quickly; a request reads it later otherwise."""
+        try:
+            self.models(fresh=True)
+        except ApiError as error:
+            log.warning("vLLM's model list is not known yet: %s", error.message)
 
     def forget_models(self) -> None:
         with self._models_lock:

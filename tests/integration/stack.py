@@ -35,6 +35,8 @@ LONG_STREAM_TOKENS = 30000
 # Token ids of the tiny model (vllm/make_tiny_model.py): 2048 trained, then <think> and </think>.
 TINY_VOCAB = 2050
 THINK_END_ID = 2049
+# Runs in the limits container: leases of one client's slots that have not lapsed.
+_LIVE_LEASES = "return redis.call('ZCOUNT', KEYS[1], redis.call('TIME')[1], '+inf')"
 
 
 @dataclass
@@ -75,6 +77,12 @@ class Stack:
                                                   environment={"DCE_REFERENCE_BODIES": json.dumps(bodies)})
         assert result.exit_code == 0, result.output.decode(errors="replace")
         return json.loads(result.output)
+
+    def live_slot_leases(self, key_name: str) -> int:
+        """Generation slots a key holds right now, across every proxy worker (Redis)."""
+        result = self.container("limits").exec_run(["redis-cli", "EVAL", _LIVE_LEASES, "1", f"dce-slots/{key_name}"])
+        assert result.exit_code == 0, result.output
+        return int(result.output)
 
     def exec_python(self, service: str, code: str, *args: str) -> tuple[int, str]:
         """Runs Python inside a service's container (on its networks, not the host's)."""

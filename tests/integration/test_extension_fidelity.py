@@ -1,15 +1,19 @@
 """What the DCE extension v1.2.0 shows, read exactly as it reads (wire.py), from the real engine
-through Caddy: every token, and reasoning apart from the answer (issue 11). A cut stream's error
-shown in the tab: test_limits_and_faults.py (vLLM killed mid-stream)."""
+through Caddy: every token, every error as text in the tab, and no tab lost to a busy GPU (issue 11)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-from stack import THINK_END_ID
-from wire import extension_body, post_like_extension
+import pytest
+
+from stack import LONG_STREAM_TOKENS, THINK_END_ID
+from wire import SILENCE_LIMIT, extension_body, post_like_extension, wait_until
 
 BATCH = 10  # the extension fires one request per tab
+CAP = 20  # DCE_MAX_CONCURRENT in the test stack (the default)
 
 
 def _tab_bodies(max_tokens: int, **extra) -> list[dict]:
@@ -19,6 +23,43 @@ def _tab_bodies(max_tokens: int, **extra) -> list[dict]:
 
 def _as_sent_to_vllm(body: dict) -> dict:
     return {**body, "model": "tiny"}  # the proxy maps the extension's "local-model" to the served model
+
+
+class Tabs:
+    """A batch of tabs sent at once; each can be watched (`live`, `streaming`) and closed (`close_all`)."""
+
+    def __init__(self, stack, url: str, bodies: list[dict]):
+        self.streaming = [threading.Event() for _ in bodies]  # its first token came (or it ended)
+        self.live = [None] * len(bodies)  # each tab's result as it grows
+        self._closed = threading.Event()
+        self._pool = ThreadPoolExecutor(len(bodies))
+        self.futures = [self._pool.submit(self._run, stack, url, body, i) for i, body in enumerate(bodies)]
+
+    def _run(self, stack, url, body, index):
+        def on_chunk(result):
+            self.live[index] = result
+            if result.chunks:
+                self.streaming[index].set()
+            return not self._closed.is_set()
+
+        try:
+            with stack.session() as session:
+                return post_like_extension(session, url, body, on_chunk=on_chunk)
+        finally:
+            self.streaming[index].set()  # also a tab that failed: the test then reads why
+
+    def close_all(self) -> None:
+        """Like the stop button on every tab: each socket closes when its next bytes arrive."""
+        self._closed.set()
+
+    def ended(self) -> list:
+        return [future.result() for future in self.futures if future.done()]
+
+    def results(self) -> list:
+        """Each tab's result once it ended (by itself, or closed by the test)."""
+        results = [future.result() for future in self.futures]
+        self._pool.shutdown()
+        return results
 
 
 def test_ten_tabs_show_exactly_what_vllm_generated(stack):
@@ -46,3 +87,59 @@ def test_reasoning_arrives_as_reasoning_content_apart_from_the_answer(stack, ses
     assert direct["reasoning"] and direct["content"], direct  # the engine did split them
     assert result.failure is None and result.finish_reason == "length", result
     assert (result.reasoning, result.content) == (direct["reasoning"], direct["content"])
+
+
+def test_a_tab_over_the_cap_waits_for_a_slot_then_completes(stack):
+    url = f"{stack.base}/k/{stack.load_keys[1]}/api/dce/proxy"
+    vllm = stack.container("vllm")
+    # The engine is paused while the cap's worth of tabs hold their slots: they hold them all the
+    # same (vLLM has their requests), and generate nothing that would take this machine's CPU.
+    vllm.pause()
+    holders = None
+    try:
+        holders = Tabs(stack, url, [extension_body(f"Hold {i}.", max_tokens=LONG_STREAM_TOKENS, ignore_eos=True)
+                                    for i in range(CAP)])
+        wait_until(lambda: stack.live_slot_leases("load1") == CAP or holders.ended(), 120,
+                   "the cap's worth of tabs to hold their slots", interval=0.2)
+        assert not holders.ended(), holders.ended()
+        waiting = Tabs(stack, url, [extension_body("One more tab.", max_tokens=16, seed=1)])
+        # In line: answered at once with headers and a heartbeat (the extension's socket stays open).
+        wait_until(lambda: waiting.ended() or (waiting.live[0] and waiting.live[0].heartbeats), 60,
+                   "the tab over the cap to be answered with a heartbeat", interval=0.1)
+        assert not waiting.ended(), waiting.ended()
+        assert stack.live_slot_leases("load1") == CAP  # it holds none: it waits
+    finally:
+        if holders is not None:
+            holders.close_all()  # their slots come free: the waiting tab goes on
+        vllm.reload()
+        if vllm.status == "paused":
+            vllm.unpause()
+    (result,) = waiting.results()
+    assert result.status == 200 and result.failure is None, result
+    # Its text: the tiny model thinks first (the extension asks for reasoning_effort).
+    assert result.finish_reason == "length" and result.content + result.reasoning and result.heartbeats >= 1
+    assert all(r.status == 200 and r.failure is None for r in holders.results())
+
+
+@pytest.mark.disruptive
+def test_a_silent_engine_for_longer_than_the_extensions_timeout_loses_no_tab(stack):
+    # Far more tokens than vLLM makes before the pause, few enough to finish soon after it.
+    tabs = Tabs(stack, f"{stack.base}/k/{stack.key}/api/dce/proxy", _tab_bodies(3000, ignore_eos=True))
+    vllm = stack.container("vllm")
+    try:
+        # Mid-batch: frozen once a tab streams. Tabs still without a token then wait as they would
+        # for a long prefill; all of them go through the silence.
+        wait_until(lambda: any(event.is_set() for event in tabs.streaming), 120, "a tab to stream", interval=0.05)
+        vllm.pause()
+        assert not tabs.ended(), tabs.ended()
+        # The one wait for an amount of time in this suite: a silence longer than the extension
+        # tolerates is the condition under test (as a long prefill or a full queue looks from outside).
+        time.sleep(SILENCE_LIMIT + 10)
+    finally:
+        vllm.reload()
+        if vllm.status == "paused":
+            vllm.unpause()
+    for result in tabs.results():  # each ends by itself: 3000 tokens, then [DONE]
+        assert result.status == 200 and result.failure is None, result
+        assert result.finish_reason == "length" and result.saw_done
+        assert result.heartbeats >= 1  # what kept it open through the silence

@@ -38,6 +38,11 @@ def test_no_keys_and_no_open_mode_is_refused(make_app):
     ("DCE_MAX_BODY_MB", "-1"),
     ("DCE_FIRST_BYTE_TIMEOUT", "soon"),
     ("DCE_FIRST_BYTE_TIMEOUT", "-5"),
+    ("DCE_HEARTBEAT_SECONDS", "often"),
+    ("DCE_HEARTBEAT_SECONDS", "0"),
+    ("DCE_HEARTBEAT_SECONDS", "60"),            # the extension gives up after 60 s of silence
+    ("DCE_QUEUE_TIMEOUT", "forever"),
+    ("DCE_QUEUE_TIMEOUT", "-1"),
     ("DCE_RATE_LIMIT", "often"),
     ("DCE_API_KEYS_FILE", "/nonexistent/dce-keys.txt"),
 ])

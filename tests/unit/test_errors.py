@@ -2,6 +2,7 @@
 faults (502 / 503 / 504, mid-stream error events, vLLM errors passed through)."""
 
 import json
+import socket
 
 import pytest
 
@@ -192,3 +193,19 @@ def test_vllm_dropping_the_resent_request_too_is_a_503(client, fake_vllm):
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers=AUTH)
     assert_error(r, 503, "upstream_unavailable")
     assert len(fake_vllm.generation_requests) == 2
+
+
+def test_connections_to_vllm_are_probed_so_a_vanished_vllm_is_noticed(make_app, fake_vllm):
+    # A vLLM whose host vanished never closes its connections: only TCP keep-alive probes end a
+    # stream that would otherwise wait out DCE_FIRST_BYTE_TIMEOUT, its client kept by heartbeats.
+    app = make_app()
+    r = app.test_client().post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                               headers=AUTH)
+    assert r.status_code == 200
+    (connection,) = list(app.extensions["dce_upstream"]._pool.pool.queue)[-1:]
+    sock = connection.sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    idle = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+    probes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) * sock.getsockopt(socket.IPPROTO_TCP,
+                                                                                          socket.TCP_KEEPCNT)
+    assert idle + probes <= 30, (idle, probes)

@@ -6,7 +6,7 @@ from flask import Blueprint, current_app
 
 from ..chunks import choices, error_chunks, for_extension, mirror_reasoning
 from ..errors import ApiError, upstream_garbage
-from ..limits import holds_generation_slot
+from ..limits import holds_generation_slot, waits_for_generation_slot
 from ..payload import (boolean, check_messages, integer, json_object, number, stop_sequences, string)
 from ..relay import forward, stats
 from ..sse import data_event
@@ -23,7 +23,7 @@ def extension_error_event(error: ApiError) -> bytes:
 
 
 @bp.post("/proxy")
-@holds_generation_slot
+@waits_for_generation_slot
 def extension_proxy():
     body = json_object()
     check_messages(body)

@@ -1,0 +1,191 @@
+"""A streamed answer: waiting in line for a slot and for vLLM with heartbeats, then vLLM's events
+through a relay (relay.py), always ended by DONE.
+
+Whenever nothing went to the client for DCE_HEARTBEAT_SECONDS, it gets an SSE comment: clients like
+the DCE extension kill a socket that stays silent for 60 s, while vLLM may be silent for longer
+(prefill, a full engine, a stall). vLLM answering within one interval gets today's answers (its
+errors with their status); later, the client already has its 200 and errors become stream events.
+"""
+
+from __future__ import annotations
+
+import queue
+import select
+import socket
+import time
+from typing import Callable, Iterator, Protocol
+
+import redis
+from flask import Response, current_app, request
+
+from .errors import ApiError, limits_store_unavailable, too_many, upstream_error, upstream_error_answer
+from .limits import Slot
+from .pump import ENDED, OPENED, Failed, Pump, Refused
+from .sse import DONE, HEARTBEAT
+from .upstream import Upstream
+
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# How often a request in line looks for its slot and for its client having gone.
+_POLL_SECONDS = 0.2
+
+
+class Relay(Protocol):
+    complete: bool  # vLLM's [DONE] went out
+    stopped: bool  # the relay ended the stream itself (with an error event)
+    at_boundary: bool  # between two events, where a heartbeat may go
+
+    def error_event(self, error: ApiError) -> bytes: ...
+    def feed(self, chunk: bytes) -> bytes: ...
+    def end(self) -> bytes: ...
+
+
+def stream_response(upstream: Upstream, path: str, body: bytes, relay: Relay, slot: Slot) -> Response:
+    stream = _Stream(upstream, path, body, relay, slot, _client_gone_probe(request.environ))
+    if slot.held:
+        stream.start()
+        early = stream.early_answer()
+        if early is not None:
+            return early
+    response = Response(_freeing_slot_at_done(stream.body(), slot.free), mimetype="text/event-stream",
+                        headers=_STREAM_HEADERS)
+    # Closing the upstream socket is what makes vLLM abort the generation and free the GPU.
+    response.call_on_close(stream.close)
+    return response
+
+
+def _client_gone_probe(environ: dict) -> Callable[[], bool]:
+    """Tells, without writing to it, whether the client closed its connection (gunicorn's socket
+    reads as EOF). Without that socket (the Flask test client) closing the response is the sign."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return lambda: False
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    return gone
+
+
+class _Stream:
+    def __init__(self, upstream: Upstream, path: str, body: bytes, relay: Relay, slot: Slot,
+                 client_gone: Callable[[], bool]):
+        settings = current_app.config["DCE_SETTINGS"]
+        self._upstream, self._path, self._body = upstream, path, body
+        self._relay, self._slot, self._client_gone = relay, slot, client_gone
+        self._interval = settings.heartbeat_seconds
+        self._queue_timeout = settings.queue_timeout
+        self._cap = settings.max_concurrent
+        self._pump: Pump | None = None
+        self._next_beat = time.monotonic() + self._interval
+        self._first = None  # the first item, when early_answer took it
+
+    def start(self) -> None:
+        self._pump = Pump(self._upstream, self._path, self._body)
+
+    def close(self) -> None:
+        if self._pump is not None:
+            self._pump.close()
+
+    def early_answer(self) -> Response | None:
+        """vLLM's answer when it came within one heartbeat interval and is not a stream (its error
+        passed through, or ours raised); None when the stream goes on (or must start waiting)."""
+        try:
+            self._first = self._pump.get(timeout=self._interval)
+        except queue.Empty:
+            return None  # vLLM is slow: the body starts with a heartbeat and waits on
+        if isinstance(self._first, Refused):
+            self.close()
+            self._forget_models_on_404(self._first.status)
+            return upstream_error_answer(self._first.status, self._first.body)
+        if isinstance(self._first, Failed):
+            self.close()
+            raise self._first.error
+        return None
+
+    def body(self) -> Iterator[bytes]:
+        for piece in self._pieces():
+            yield piece
+            self._next_beat = time.monotonic() + self._interval  # resumed: the server sent the piece
+
+    def _pieces(self) -> Iterator[bytes]:
+        if self._pump is None:
+            yield HEARTBEAT  # headers and a heartbeat at once: the client is in line, not lost
+            if not (yield from self._wait_in_line()):
+                return
+            self.start()
+        while True:
+            item = yield from self._next_item()
+            if item is OPENED:
+                continue
+            if isinstance(item, bytes):
+                out = self._relay.feed(item)
+                if out:
+                    yield out
+                if self._relay.stopped:
+                    return
+                continue
+            if item is ENDED:
+                yield self._relay.end()
+            else:
+                yield self._relay.error_event(self._error_of(item)) + DONE
+            return
+
+    def _next_item(self):
+        if self._first is not None:
+            item, self._first = self._first, None
+            return item
+        while True:
+            try:
+                return self._pump.get(timeout=max(self._next_beat - time.monotonic(), 0.0))
+            except queue.Empty:
+                if self._relay.at_boundary:
+                    yield HEARTBEAT
+                else:  # never inside an event: wait for its end, another interval at most
+                    self._next_beat = time.monotonic() + self._interval
+
+    def _wait_in_line(self):
+        """Waits for the slot, with heartbeats, until the queue timeout; False if it never came."""
+        deadline = time.monotonic() + self._queue_timeout
+        while True:
+            now = time.monotonic()
+            try:
+                if self._slot.wait(max(min(_POLL_SECONDS, self._next_beat - now, deadline - now), 0.0)):
+                    return True
+            except redis.RedisError:  # the slots of several workers live in Redis
+                yield self._relay.error_event(limits_store_unavailable()) + DONE
+                return False
+            if self._client_gone():
+                return False  # closing the response takes this request out of the line
+            now = time.monotonic()
+            if now >= deadline:
+                error = too_many(f"No generation slot came free for this key within {self._queue_timeout:g} s "
+                                 f"(limit {self._cap} at once). Try again later.", "queue_timeout", 1)
+                yield self._relay.error_event(error) + DONE
+                return False
+            if now >= self._next_beat:
+                yield HEARTBEAT
+
+    def _error_of(self, item: Failed | Refused) -> ApiError:
+        if isinstance(item, Failed):
+            return item.error
+        self._forget_models_on_404(item.status)
+        return upstream_error(item.status, item.body)
+
+    def _forget_models_on_404(self, status: int) -> None:
+        if status == 404:
+            self._upstream.forget_models()  # the served model may have changed under us
+
+
+def _freeing_slot_at_done(body: Iterator[bytes], free: Callable[[], None]) -> Iterator[bytes]:
+    """Frees the request's generation slot as the final DONE goes out, before the client has it:
+    a client that starts its next generation at once finds it free."""
+    tail = b""
+    for piece in body:
+        tail = (tail + piece)[-len(DONE) - 4:]
+        if DONE.strip() in tail:
+            free()
+        yield piece
