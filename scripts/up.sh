@@ -25,16 +25,22 @@ set_env_value() {
 }
 keys_file=$(env_value DCE_API_KEYS_SECRET); keys_file=${keys_file:-./secrets/dce_api_keys}
 token_file=$(env_value HF_TOKEN_SECRET); token_file=${token_file:-./secrets/hf_token}
+vllm_key_file=$(env_value VLLM_API_KEY_SECRET); vllm_key_file=${vllm_key_file:-./secrets/vllm_api_key}
 
 if [[ ! -s $keys_file ]]; then
   mkdir -p "$(dirname "$keys_file")" && chmod 0700 "$(dirname "$keys_file")"
   # Readable by the proxy's unprivileged user through the bind mount; the folder keeps others out.
   (umask 022; printf 'dce:%s\n' "$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')" > "$keys_file")
-  say "created an API key in $keys_file: $(cut -d: -f2- "$keys_file")"
+  say "created an API key in $keys_file (not printed: logs of this command may be kept)"
 fi
 [[ -f $token_file ]] || { mkdir -p "$(dirname "$token_file")"; (umask 022; : > "$token_file"); }
+# The key between the proxy and vLLM: nobody types it, so it is made here once.
+if [[ ! -s $vllm_key_file ]]; then
+  mkdir -p "$(dirname "$vllm_key_file")"
+  (umask 022; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > "$vllm_key_file")
+fi
 # Secrets are bind mounts: the proxy's and vLLM's unprivileged users read them with the host's modes.
-for secret in "$keys_file" "$token_file"; do
+for secret in "$keys_file" "$token_file" "$vllm_key_file"; do
   if [[ $(( 8#$(stat -c %a "$secret") & 4 )) == 0 ]]; then
     say "$secret is unreadable by the containers' unprivileged users: chmod 0644 $secret (its folder keeps others out: chmod 0700 $(dirname "$secret"))"
     exit 1

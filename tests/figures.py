@@ -14,6 +14,7 @@ NAMES = {
     "stream_seconds": "streams x seconds held",
     "bytes_compared": "bytes compared",
     "secrets_in_logs": "secrets found in logs",
+    "auth_failures_refused": "unauthenticated requests refused by the limiter",
     # A step that retries (e.g. an abort whose samples could not tell) adds its attempts beyond the first.
     "retries": "retries needed",
 }

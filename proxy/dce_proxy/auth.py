@@ -8,6 +8,7 @@ from flask import current_app, g, request
 
 from .config import ApiKey
 from .errors import unauthorized
+from .limits import client_address, count_failed_authentication, refuse_after_failed_authentications
 
 PATH_KEY_ENVIRON = "dce.path_key"
 
@@ -28,6 +29,13 @@ class PathKeyMiddleware:
             key, _, rest = path[3:].partition("/")
             environ[PATH_KEY_ENVIRON] = key
             environ["PATH_INFO"] = "/" + rest
+            # The server's copies of the request target (however the key was spelled in it, e.g.
+            # /%6B/KEY or an absolute URL) would otherwise carry the key into any log of them.
+            query = environ.get("QUERY_STRING")
+            redacted = "/k/REDACTED/" + rest + (f"?{query}" if query else "")
+            for name in ("RAW_URI", "REQUEST_URI"):
+                if name in environ:
+                    environ[name] = redacted
         return self.wsgi_app(environ, start_response)
 
 
@@ -65,11 +73,13 @@ def authenticate() -> None:
     if request.url_rule is None or request.endpoint in current_app.config["DCE_PUBLIC_ENDPOINTS"]:
         return
     settings = current_app.config["DCE_SETTINGS"]
+    if not settings.open_mode:
+        refuse_after_failed_authentications()
     key = find_key(presented_key(), settings.api_keys)
     if key is not None:
         g.client_id = key.key_id
     elif settings.open_mode:
-        # remote_addr is Caddy's X-Forwarded-For hop (ProxyFix), not whatever the client wrote.
-        g.client_id = f"ip:{request.remote_addr}"
+        g.client_id = f"ip:{client_address()}"
     else:
+        count_failed_authentication()
         raise unauthorized()

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from dotenv import load_dotenv
 from limits import parse_many
 
 MIN_KEY_LENGTH = 16
@@ -27,16 +26,19 @@ class ApiKey:
 @dataclass(frozen=True)
 class Settings:
     vllm_url: str = "http://vllm:8000"
+    vllm_api_key: str = ""  # sent to vLLM as a bearer token when set
     api_keys: tuple[ApiKey, ...] = ()
     open_mode: bool = False
     model_aliases: Mapping[str, str] = field(default_factory=dict)
     rate_limit: str = "600/minute"
+    auth_failure_limit: str = "30/minute"
     max_concurrent: int = 20
     max_n: int = 16
     default_n: int = 10
     default_max_tokens: int = 4096
     max_body_bytes: int = 50 * 1024 * 1024
     first_byte_timeout: float = 300.0
+    answer_timeout: float = 1800.0
     heartbeat_seconds: float = 15.0
     queue_timeout: float = 300.0
     connect_timeout: float = 5.0
@@ -46,7 +48,6 @@ class Settings:
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if env is None:
-        load_dotenv()
         env = os.environ
     reader = _Reader(env)
     keys = _parse_keys(env.get("DCE_API_KEYS", "").split(","), "DCE_API_KEYS")
@@ -55,16 +56,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         keys += _read_keys_file(keys_file)
     settings = Settings(
         vllm_url=env.get("VLLM_URL", Settings.vllm_url).rstrip("/"),
+        vllm_api_key=_read_secret(env.get("VLLM_API_KEY_FILE", "").strip(), "VLLM_API_KEY_FILE"),
         api_keys=tuple(keys),
         open_mode=reader.boolean("DCE_OPEN_MODE", False),
         model_aliases=_parse_aliases(env.get("DCE_MODEL_ALIASES", "")),
         rate_limit=reader.rate_limit("DCE_RATE_LIMIT", Settings.rate_limit),
+        auth_failure_limit=reader.rate_limit("DCE_AUTH_FAILURE_LIMIT", Settings.auth_failure_limit),
         max_concurrent=reader.integer("DCE_MAX_CONCURRENT", Settings.max_concurrent, 1, 100_000),
         max_n=reader.integer("DCE_MAX_N", Settings.max_n, 1, 1024),
         default_n=reader.integer("DCE_DEFAULT_N", Settings.default_n, 1, 1024),
         default_max_tokens=reader.integer("DCE_DEFAULT_MAX_TOKENS", Settings.default_max_tokens, 1, 10_000_000),
         max_body_bytes=reader.integer("DCE_MAX_BODY_MB", 50, 1, 10_000) * 1024 * 1024,
         first_byte_timeout=reader.number("DCE_FIRST_BYTE_TIMEOUT", Settings.first_byte_timeout),
+        answer_timeout=reader.number("DCE_ANSWER_TIMEOUT", Settings.answer_timeout),
         connect_timeout=reader.number("DCE_CONNECT_TIMEOUT", Settings.connect_timeout),
         # Below the DCE extension's 60 s socket timeout, or the heartbeats would not keep it open.
         heartbeat_seconds=reader.number("DCE_HEARTBEAT_SECONDS", Settings.heartbeat_seconds, high=55),
@@ -164,11 +168,24 @@ def _parse_keys(entries: Iterable[str], source: str) -> list[ApiKey]:
 
 
 def _read_keys_file(path: str) -> list[ApiKey]:
+    return _parse_keys(_read_file(path, "DCE_API_KEYS_FILE").splitlines(), "DCE_API_KEYS_FILE")
+
+
+def _read_secret(path: str, name: str) -> str:
+    """A one-line secret from a file (a Compose secret); "" when no file is named."""
+    if not path:
+        return ""
+    secret = _read_file(path, name).strip()
+    if len(secret) < MIN_KEY_LENGTH or any(char.isspace() for char in secret):
+        raise ConfigError(f"{name}: {path} must hold one key of at least {MIN_KEY_LENGTH} characters")
+    return secret
+
+
+def _read_file(path: str, name: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"DCE_API_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
-    return _parse_keys(text.splitlines(), "DCE_API_KEYS_FILE")
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
 
 
 def _parse_aliases(text: str) -> dict[str, str]:

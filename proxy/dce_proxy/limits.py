@@ -1,14 +1,16 @@
 """Request rate (flask-limiter) and in-flight generations (slots.py) per client: a 429 over either,
-or, on the DCE extension's route, a wait in line for a slot."""
+or, on the DCE extension's route, a wait in line for a slot. Failed authentications per address."""
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import time
 
 import redis
 from flask import Flask, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded
+from limits import parse
 
 from .errors import ApiError, limits_store_unavailable, too_many
 from .slots import Release, Ticket, slot_store
@@ -21,6 +23,42 @@ _SLOT_RETRY_AFTER = 2
 
 def client_id() -> str:
     return g.get("client_id", "anonymous")
+
+
+def client_address() -> str:
+    """The caller's address as limits count it: an IPv6 client owns its whole /64, not one address."""
+    # remote_addr is Caddy's X-Forwarded-For hop (ProxyFix), not whatever the client wrote.
+    address = request.remote_addr or "unknown"
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if parsed.version == 6:
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
+def refuse_after_failed_authentications() -> None:
+    """An address over its budget of failed authentications (DCE_AUTH_FAILURE_LIMIT) is refused
+    before any key it sends is even compared: guessing keys, or flooding 401s, buys only waiting."""
+    limiter, limit, address = _auth_failures()
+    if not limiter.test(limit, "auth-failures", address):
+        reset_at = limiter.get_window_stats(limit, "auth-failures", address).reset_time
+        raise too_many("Too many requests with a wrong or missing API key from this address. Try again later.",
+                       "too_many_failed_authentications", int(reset_at - time.time()) + 1)
+
+
+def count_failed_authentication() -> None:
+    limiter, limit, address = _auth_failures()
+    limiter.hit(limit, "auth-failures", address)
+
+
+def _auth_failures():
+    """flask-limiter's own store (memory, or Redis with several workers), the budget and the address."""
+    return (current_app.extensions["dce_limiter"].limiter,
+            parse(current_app.config["DCE_SETTINGS"].auth_failure_limit), client_address())
 
 
 def init_limits(app: Flask) -> Limiter:

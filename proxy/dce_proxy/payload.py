@@ -114,7 +114,7 @@ def fit_to_model(body: dict, models: ModelInfo) -> dict:
     if model not in models.served:
         model = models.default
     body["model"] = model
-    integer(body, "n", low=1, high=settings.max_n)
+    _check_sequences(body, settings.max_n)
     boolean(body, "stream")
     limit = models.max_model_len.get(model)
     for name in ("max_tokens", "max_completion_tokens"):
@@ -122,3 +122,31 @@ def fit_to_model(body: dict, models: ModelInfo) -> dict:
         if limit and requested_tokens and requested_tokens > limit:
             body[name] = limit
     return body
+
+
+# OpenAI's own bounds: completions return at most 5 log-probabilities per token, chat 20.
+_MAX_COMPLETION_LOGPROBS = 5
+_MAX_TOP_LOGPROBS = 20
+
+
+def _check_sequences(body: dict, max_n: int) -> None:
+    """What one request may make the GPU do: n x prompts sequences at most DCE_MAX_N (the in-flight
+    cap counts requests, so a list of prompts must not be a way around it), and bounded
+    log-probabilities. Log-probabilities of the whole prompt are refused."""
+    n = integer(body, "n", low=1, high=max_n) or 1
+    prompts = _prompt_count(body.get("prompt"))
+    if n * prompts > max_n:
+        raise invalid("prompt", f"'n' times the number of prompts must be at most {max_n}, got {n} x {prompts}.")
+    if not isinstance(body.get("logprobs"), bool):  # chat's logprobs is a switch, completions' a count
+        integer(body, "logprobs", low=0, high=_MAX_COMPLETION_LOGPROBS)
+    integer(body, "top_logprobs", low=0, high=_MAX_TOP_LOGPROBS)
+    if body.get("prompt_logprobs") is not None:
+        raise invalid("prompt_logprobs", "'prompt_logprobs' is not served: it would return the whole prompt's "
+                                         "log-probabilities.")
+
+
+def _prompt_count(prompt) -> int:
+    """Prompts in a completions request: a string or a list of token ids is one, any other list one each."""
+    if isinstance(prompt, list) and prompt and not all(isinstance(item, int) for item in prompt):
+        return len(prompt)
+    return 1

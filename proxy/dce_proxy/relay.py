@@ -138,7 +138,8 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
         return stream_response(upstream, path, json.dumps(body).encode(), relay, slot)
     if not slot.held:
         raise slot.refusal  # only a stream can wait in line: heartbeats keep its client
-    answer = upstream.request("POST", path, body=json.dumps(body).encode(), stream=True)
+    answer = upstream.request("POST", path, body=json.dumps(body).encode(), stream=True,
+                              timeout=upstream.whole_answer_timeout)
     if answer.status >= 400:
         if answer.status == 404:
             upstream.forget_models()  # the served model may have changed under us

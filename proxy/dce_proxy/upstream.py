@@ -45,6 +45,15 @@ class ModelInfo:
         return self.served[0]
 
 
+class _Reading:
+    """One read of the model list, awaited by every request that needs it meanwhile."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.models: ModelInfo | None = None
+        self.error: ApiError | None = None
+
+
 class UpstreamStreamError(Exception):
     """The upstream stream broke after the client already got its 200."""
 
@@ -58,48 +67,74 @@ class Upstream:
         url = urllib3.util.parse_url(settings.vllm_url)
         self._prefix = (url.path or "").rstrip("/")
         self._timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.first_byte_timeout)
+        # vLLM sends a non-streamed answer only once it is complete: the wait is for all of it.
+        self.whole_answer_timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.answer_timeout)
         # urllib3 itself, not requests: one pool to one host needs none of requests' per-call
         # session merging, which cost a third of the proxy's CPU per request (py-spy, make bench).
         # No retries: a POST may already be generating. Not blocking: every stream gets a connection.
+        # vLLM answers its /v1 routes only to the proxy's key (compose.yaml), sent with every request.
+        self._headers = {"Authorization": f"Bearer {settings.vllm_api_key}"} if settings.vllm_api_key else {}
         self._pool = urllib3.connection_from_url(
             settings.vllm_url, maxsize=2048, block=False, retries=False, timeout=self._timeout,
             socket_options=urllib3.connection.HTTPConnection.default_socket_options + _KEEPALIVE)
         self._models: ModelInfo | None = None
-        self._models_fetched_at = 0.0
-        self._models_lock = threading.Lock()
+        self._models_read_at = 0.0
+        self._reading: _Reading | None = None  # the model-list read under way, shared by all who ask
+        self._reading_lock = threading.Lock()
 
     # -- model discovery -------------------------------------------------------------------
 
     def models(self, *, fresh: bool = False) -> ModelInfo:
-        """vLLM's served models, re-read every _MODELS_TTL_SECONDS or at once when `fresh`.
+        """vLLM's served models: the known list, re-read in the background every
+        _MODELS_TTL_SECONDS; read now (and waited for) when none is known or when `fresh`.
 
-        A busy engine can be slow to list its models while it generates for hundreds of streams;
-        a request then goes on with the list already known rather than failing on the refresh.
+        No request waits on a refresh while a list is known: a busy or silent engine can be slow to
+        list its models, and a readiness probe must not hold up generations. However many ask at
+        once, one read is under way at a time, and the others share its answer.
         """
-        with self._models_lock:
-            known = self._models
-            if known is not None and not fresh and time.monotonic() - self._models_fetched_at <= _MODELS_TTL_SECONDS:
-                return known
-            quick = known is not None or fresh
-            try:
-                self._models = self._fetch_models(quick=quick)
-            except ApiError:
-                if known is None or fresh:
-                    raise
-            # After a failed refresh too: the next try waits a full TTL rather than slowing every request.
-            self._models_fetched_at = time.monotonic()
-            return self._models
+        known = self._models
+        if known is None or fresh:
+            return self._read_models(quick=fresh or known is not None)
+        if time.monotonic() - self._models_read_at > _MODELS_TTL_SECONDS and self._reading is None:
+            threading.Thread(target=self._refresh_models, name="dce-models", daemon=True).start()
+        return known
 
     def learn_models(self) -> None:
         """Reads the model list now if vLLM answers quickly; a request reads it later otherwise."""
         try:
-            self.models(fresh=True)
+            self._read_models(quick=True)
         except ApiError as error:
             log.warning("vLLM's model list is not known yet: %s", error.message)
 
     def forget_models(self) -> None:
-        with self._models_lock:
-            self._models = None
+        self._models = None
+
+    def _refresh_models(self) -> None:
+        try:
+            self._read_models(quick=True)
+        except ApiError:
+            pass  # the known list stays; the next try waits a full TTL rather than hammering vLLM
+
+    def _read_models(self, *, quick: bool) -> ModelInfo:
+        with self._reading_lock:  # held for bookkeeping only, never across the read
+            reading = self._reading
+            leader = reading is None
+            if leader:
+                reading = self._reading = _Reading()
+        if leader:
+            try:
+                reading.models = self._models = self._fetch_models(quick=quick)
+            except ApiError as error:
+                reading.error = error
+            finally:
+                self._models_read_at = time.monotonic()
+                self._reading = None
+                reading.done.set()
+        else:
+            reading.done.wait()
+        if reading.error is not None:
+            raise reading.error
+        return reading.models
 
     def _fetch_models(self, *, quick: bool) -> ModelInfo:
         timeout = urllib3.Timeout(connect=self._timeout.connect_timeout, read=_MODELS_QUICK_TIMEOUT_SECONDS) \
@@ -145,7 +180,7 @@ class Upstream:
             try:
                 return self._pool.urlopen(
                     method, self._prefix + path, body=body, preload_content=not stream, redirect=False,
-                    headers={"Content-Type": "application/json"} if body is not None else None,
+                    headers={**self._headers, **({"Content-Type": "application/json"} if body is not None else {})},
                     timeout=timeout,
                 )
             except ProtocolError as exc:

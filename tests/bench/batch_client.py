@@ -39,7 +39,11 @@ def open_connection(url):
     if parts.scheme == "https":
         context = ssl.create_default_context(cadata=os.environ["BATCH_CA"])
         return SiteConnection(parts.hostname, parts.port or 443, context=context, timeout=600), {"Host": SITE}
-    return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=600), {}
+    # Straight to vLLM, which answers only the proxy's key: this runs in the proxy's container.
+    with open("/run/secrets/vllm_api_key") as key_file:
+        vllm_key = key_file.read().strip()
+    return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=600), \
+        {"Authorization": f"Bearer {vllm_key}"}
 
 
 def stream(url, body, start):

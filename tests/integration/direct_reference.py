@@ -11,9 +11,15 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 
+# vLLM answers only the proxy's key: this runs in the proxy's container, which holds it.
+with open("/run/secrets/vllm_api_key") as key_file:
+    VLLM_KEY = key_file.read().strip()
+
+
 def stream_text(body):
     request = urllib.request.Request("http://vllm:8000/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {VLLM_KEY}"})
     text = {"content": "", "reasoning": ""}
     with urllib.request.urlopen(request, timeout=600) as response:
         for line in response:

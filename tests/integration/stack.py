@@ -78,6 +78,14 @@ class Stack:
         assert result.exit_code == 0, result.output.decode(errors="replace")
         return json.loads(result.output)
 
+    def ready(self) -> bool:
+        """Whether the whole chain answers: Caddy, the proxy and vLLM (/readyz through Caddy)."""
+        with self.session() as session:
+            try:
+                return session.get(f"{self.base}/readyz", timeout=5).status_code == 200
+            except OSError:
+                return False
+
     def live_slot_leases(self, key_name: str) -> int:
         """Generation slots a key holds right now, across every proxy worker (Redis)."""
         result = self.container("limits").exec_run(["redis-cli", "EVAL", _LIVE_LEASES, "1", f"dce-slots/{key_name}"])
@@ -96,7 +104,9 @@ def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Pat
     keys.write_text(f"curator:{key}\nother:{other_key}\n{load_lines}")
     token = tmp / "hf_token"
     token.write_text("")
-    for path in (keys, token):
+    vllm_key = tmp / "vllm_api_key"
+    vllm_key.write_text(secrets.token_urlsafe(24) + "\n")
+    for path in (keys, token, vllm_key):
         path.chmod(0o644)  # the proxy reads it as an unprivileged user through the bind mount
     env = tmp / "test.env"
     env.write_text("\n".join([
@@ -109,9 +119,11 @@ def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Pat
         f"VLLM_CPU_MAX_MODEL_LEN={MAX_MODEL_LEN}",
         f"DCE_API_KEYS_SECRET={keys}",
         f"HF_TOKEN_SECRET={token}",
+        f"VLLM_API_KEY_SECRET={vllm_key}",
         "DCE_MAX_CONCURRENT=20",
-        # The rate limit is tested in the unit suite; here it must not get in the way.
+        # The rate limits are tested in the unit suite; here they must not get in the way.
         "DCE_RATE_LIMIT=100000/minute",
+        "DCE_AUTH_FAILURE_LIMIT=100000/minute",
     ]) + "\n")
     return env
 

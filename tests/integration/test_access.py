@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import base64
+import http.client
+import json
+import re
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import figures
 import pytest
 import requests
 
 PROMPT_MARKER = "PROMPT-MARKER-7f3a"
+GUNICORN_CONF = Path(__file__).resolve().parents[2] / "proxy" / "gunicorn.conf.py"
 
 
 def _models(stack, session, path="/v1/models", **headers):
@@ -54,8 +59,32 @@ def test_http_redirects_to_https(stack):
 
 def test_security_headers(stack, session):
     response = _models(stack, session, Authorization=f"Bearer {stack.key}")
-    assert "max-age" in response.headers["Strict-Transport-Security"]
     assert response.headers["X-Content-Type-Options"] == "nosniff"
+    # localhost is no public name: HSTS would pin HTTPS on every local service for a year (issue 12).
+    assert "Strict-Transport-Security" not in response.headers
+
+
+def test_caddy_drops_idle_connections_to_the_proxy_before_gunicorn_does(stack):
+    # Otherwise Caddy may reuse a connection gunicorn has just closed (issue 12).
+    adapted = stack.container("caddy").exec_run(["caddy", "adapt", "--config", "/etc/caddy/Caddyfile"])
+    assert adapted.exit_code == 0, adapted.output
+    config = json.loads(adapted.output)
+    (proxy_route,) = [handler for handler in _handlers(config) if handler.get("handler") == "reverse_proxy"]
+    idle_ns = proxy_route["transport"]["keep_alive"]["idle_timeout"]
+    gunicorn_keepalive = int(re.search(r"^keepalive = (\d+)$", GUNICORN_CONF.read_text(), re.M).group(1))
+    assert idle_ns / 1e9 < gunicorn_keepalive
+
+
+def _handlers(node):
+    """Every handler object in an adapted Caddy config, however deeply its routes nest."""
+    if isinstance(node, dict):
+        if "handler" in node:
+            yield node
+        for value in node.values():
+            yield from _handlers(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _handlers(value)
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/tokenize", "/health", "/version", "/v1/load_lora_adapter"])
@@ -80,6 +109,25 @@ def test_vllm_is_only_on_the_backend_network(stack):
     assert "dce-test_backend" not in stack.container("caddy").attrs["NetworkSettings"]["Networks"]
 
 
+# Runs in the proxy container: vLLM's answer to a /v1 request without its key, then with it.
+_VLLM_WITH_AND_WITHOUT_KEY = """
+import urllib.error, urllib.request
+def status(headers):
+    try:
+        return urllib.request.urlopen(urllib.request.Request("http://vllm:8000/v1/models", headers=headers)).status
+    except urllib.error.HTTPError as error:
+        return error.code
+key = open("/run/secrets/vllm_api_key").read().strip()
+print(status({}), status({"Authorization": "Bearer " + key}))
+"""
+
+
+def test_vllm_answers_only_the_proxys_key(stack):
+    # Anything else that reaches the backend network (or the host's bridge) cannot use the GPU (issue 12).
+    code, out = stack.exec_python("proxy", _VLLM_WITH_AND_WITHOUT_KEY)
+    assert code == 0 and out.split() == ["401", "200"], out
+
+
 def test_proxy_reaches_vllm_but_caddy_cannot_even_resolve_it(stack):
     code, out = stack.exec_python("proxy", "import urllib.request; print(urllib.request.urlopen('http://vllm:8000/health').status)")
     assert code == 0 and out.strip() == "200", out
@@ -92,20 +140,38 @@ def test_proxy_reaches_vllm_but_caddy_cannot_even_resolve_it(stack):
     assert direct.exit_code != 0, "Caddy reached vLLM by its address"
 
 
+def _post_raw(stack, target: str, body: dict) -> int:
+    """POSTs with the request target exactly as given (requests would normalise it)."""
+    context = ssl.create_default_context(cafile=stack.ca_file)
+    connection = http.client.HTTPSConnection("localhost", stack.https_port, context=context, timeout=60)
+    try:
+        connection.request("POST", target, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
 def test_logs_hold_no_key_and_no_prompt(stack, session):
-    path_response = session.post(f"{stack.base}/k/{stack.key}/api/dce/generate",
-                                 json={"prompt": PROMPT_MARKER, "n": 1, "max_tokens": 8}, timeout=60)
+    generate = {"prompt": PROMPT_MARKER, "n": 1, "max_tokens": 8}
+    path_response = session.post(f"{stack.base}/k/{stack.key}/api/dce/generate", json=generate, timeout=60)
     header_response = session.post(f"{stack.base}/v1/completions", headers={"Authorization": f"Bearer {stack.other_key}"},
                                    json={"prompt": PROMPT_MARKER, "max_tokens": 8}, timeout=60)
     assert path_response.status_code == header_response.status_code == 200
+    # Other spellings of the key path the proxy accepts: an escaped "k", an absolute URL as target.
+    spelled = {stack.load_keys[8]: f"/%6B/{stack.load_keys[8]}/api/dce/generate",
+               stack.load_keys[9]: f"https://localhost:{stack.https_port}/k/{stack.load_keys[9]}/api/dce/generate"}
+    assert [_post_raw(stack, target, generate) for target in spelled.values()] == [200, 200]
     answer = path_response.json()["responses"][0]
     logs = {service: stack.container(service).logs().decode(errors="replace") for service in ("caddy", "proxy")}
     assert "/k/REDACTED" in logs["caddy"]  # the request was logged, with its key cut out
-    secrets_found = sum(text.count(stack.key) + text.count(stack.other_key) for text in logs.values())
+    keys = [stack.key, stack.other_key, *spelled]
+    secrets_found = sum(text.count(key) for text in logs.values() for key in keys)
     figures.add("secrets_in_logs", secrets_found)
     for service, text in logs.items():
-        assert stack.key not in text, f"API key in {service} logs"
-        assert stack.other_key not in text, f"API key in {service} logs"
+        for key in keys:
+            assert key not in text, f"API key in {service} logs"
         assert PROMPT_MARKER not in text, f"prompt in {service} logs"
         if len(answer) >= 8:
             assert answer not in text, f"answer in {service} logs"

@@ -30,6 +30,10 @@ def test_production_compose_publishes_only_caddy():
     assert services["vllm"]["user"] == "2000:0"
     (cache,) = [volume for volume in services["vllm"]["volumes"] if volume["source"] == "hf_cache"]
     assert services["vllm"]["environment"]["HF_HOME"] == cache["target"]  # the model lands in the volume
+    # Telemetry off (issue 12): vLLM's usage stats, and every library that honours DO_NOT_TRACK.
+    assert {name: services["vllm"]["environment"].get(name)
+            for name in ("VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "HF_HUB_DISABLE_TELEMETRY")} == \
+        {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     # The cache's owner runs from the image vLLM already has: no other image to pull.
     assert services["vllm-cache-owner"]["image"] == services["vllm"]["image"]
 
@@ -39,3 +43,11 @@ def test_cpu_profile_drops_the_gpu_and_keeps_the_rest():
     assert "deploy" not in services["vllm"]
     assert services["vllm"]["image"] == services["vllm-cache-owner"]["image"] == "dce-vllm-cpu:0.32.0-tiny"
     assert {name for name, service in services.items() if service.get("ports")} == {"caddy"}
+
+
+def test_every_service_but_the_engine_has_memory_and_process_bounds():
+    # A runaway proxy must not take vLLM down with it (issue 12); vLLM's own need depends on the model.
+    services = _config("compose.yaml", "compose.scale.yaml")["services"]
+    bounded = {name for name, service in services.items() if service.get("mem_limit") and service.get("pids_limit")}
+    assert bounded == {"caddy", "proxy", "limits"}
+    assert services["proxy"]["pids_limit"] == 512 and int(services["proxy"]["mem_limit"]) == 4 * 1024 ** 3

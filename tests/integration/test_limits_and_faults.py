@@ -16,7 +16,7 @@ import pytest
 
 from dce_proxy.slots import LEASE_SECONDS
 from stack import LONG_STREAM_TOKENS
-from wire import extension_body, post_like_extension, wait_until
+from wire import extension_body, open_held_tab, post_like_extension, wait_until
 
 CAP = 20  # DCE_MAX_CONCURRENT in the test stack (the default)
 
@@ -86,14 +86,6 @@ def _started_at(stack, service):
     return container.attrs["State"]["StartedAt"]
 
 
-def _ready(stack) -> bool:
-    with stack.session() as session:
-        try:
-            return session.get(f"{stack.base}/readyz", timeout=5).status_code == 200
-        except OSError:
-            return False
-
-
 # Runs in the proxy container: its TCP connections to vLLM's port and their states (/proc/net/tcp).
 _CONNECTIONS_TO_VLLM = """
 from collections import Counter
@@ -113,7 +105,7 @@ def _bring_back_vllm(stack) -> None:
     vllm.reload()
     if vllm.status != "running":
         vllm.start()  # Docker's restart policy does not bring back a container killed through the API
-    wait_until(lambda: _ready(stack), 300, "vLLM to serve again", interval=1)
+    wait_until(stack.ready, 300, "vLLM to serve again", interval=1)
 
 
 @pytest.mark.disruptive
@@ -138,12 +130,11 @@ def test_vllm_killed_mid_stream_ends_streams_then_recovers_without_proxy_restart
                 streaming[index].set()
             return not given_up.is_set()
 
-        with stack.session() as own:
-            timeline[f"stream {index} sent"] = time.monotonic()
-            result = post_like_extension(own, url, body, on_chunk=on_chunk)
-            timeline[f"stream {index} ended"] = time.monotonic()
-            streaming[index].set()  # also a stream that failed to start: the test then says why
-            return result
+        timeline[f"stream {index} sent"] = time.monotonic()
+        result = open_held_tab(stack.session, url, body, on_chunk=on_chunk)
+        timeline[f"stream {index} ended"] = time.monotonic()
+        streaming[index].set()  # also a stream that failed to start: the test then says why
+        return result
 
     pool = ThreadPoolExecutor(3)
     try:
@@ -209,7 +200,7 @@ def test_killed_proxy_worker_spares_the_other_workers_streams_and_its_slots_come
 
     # A new worker takes over. The dead worker could not free its slots (they outlived it in Redis);
     # their leases lapse without anyone's help, and the key has its whole cap again.
-    wait_until(lambda: _ready(stack), 60, "a new proxy worker", interval=1)
+    wait_until(stack.ready, 60, "a new proxy worker", interval=1)
     assert killed["leases_after_kill"] >= len(held[victim]), killed["leases_after_kill"]
     wait_until(lambda: stack.live_slot_leases("load0") == 0, LEASE_SECONDS + 15, "the dead worker's slot leases to lapse",
                interval=1)
@@ -229,7 +220,7 @@ def test_caddy_restart_keeps_its_certificates(stack):
     caddy.reload()
     # A restarted container may get another random loopback port.
     stack.https_port = int(caddy.attrs["NetworkSettings"]["Ports"]["443/tcp"][0]["HostPort"])
-    wait_until(lambda: _ready(stack), 60, "Caddy to serve again", interval=1)
+    wait_until(stack.ready, 60, "Caddy to serve again", interval=1)
     assert certificate() == before
     figures.add("faults_survived", 1)
 
@@ -244,7 +235,7 @@ def test_revoked_key_stays_revoked_and_config_survives_a_whole_stack_restart(sta
     caddy = stack.container("caddy")
     caddy.reload()
     stack.https_port = int(caddy.attrs["NetworkSettings"]["Ports"]["443/tcp"][0]["HostPort"])
-    wait_until(lambda: _ready(stack), 300, "the stack to serve again", interval=1)
+    wait_until(stack.ready, 300, "the stack to serve again", interval=1)
     with stack.session() as session:
         def models(key):
             return session.get(f"{stack.base}/v1/models", headers={"X-API-Key": key}, timeout=10).status_code

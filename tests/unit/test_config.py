@@ -3,6 +3,7 @@ variable, instead of misbehaving later."""
 
 import pytest
 
+from conftest import PROXY_DIR
 from unit_helpers import ALICE_KEY, bearer
 
 
@@ -45,6 +46,9 @@ def test_no_keys_and_no_open_mode_is_refused(make_app):
     ("DCE_QUEUE_TIMEOUT", "-1"),
     ("DCE_RATE_LIMIT", "often"),
     ("DCE_API_KEYS_FILE", "/nonexistent/dce-keys.txt"),
+    ("VLLM_API_KEY_FILE", "/nonexistent/vllm-key.txt"),
+    ("DCE_AUTH_FAILURE_LIMIT", "many"),
+    ("DCE_ANSWER_TIMEOUT", "-1"),
 ])
 def test_bad_value_raises_config_error_naming_the_variable(make_app, name, value):
     with pytest.raises(config_error()) as exc:
@@ -90,3 +94,28 @@ def test_several_workers_with_redis_start_without_reaching_it(make_app):
     # Redis is reached on the first limited request, not at start (compose orders the start-up).
     app = make_app(DCE_PROXY_WORKERS="2", DCE_RATELIMIT_STORAGE_URI="redis://127.0.0.1:9/0")
     assert type(app.extensions["dce_slots"]).__name__ == "LeasedSlots"
+
+
+@pytest.mark.parametrize("content", ["", "short", "two words-0123456789abcdef"])
+def test_a_vllm_key_file_without_one_good_key_stops_the_proxy(make_app, tmp_path, content):
+    key_file = tmp_path / "vllm_api_key"
+    key_file.write_text(content)
+    with pytest.raises(config_error()) as exc:
+        make_app(VLLM_API_KEY_FILE=str(key_file))
+    assert "VLLM_API_KEY_FILE" in str(exc.value)
+    assert not content or content not in str(exc.value)  # a secret is never echoed
+
+
+def test_settings_come_from_the_environment_alone(monkeypatch):
+    # The proxy used to load any .env up the tree from its code: run from a checkout after
+    # `make up`, it took the compose file's .env for its own (issue 12).
+    from dce_proxy.config import load_settings
+    dotenv = PROXY_DIR / ".env"
+    assert not dotenv.exists()
+    monkeypatch.delenv("DCE_MAX_N", raising=False)
+    monkeypatch.setenv("DCE_API_KEYS", f"alice:{ALICE_KEY}")
+    dotenv.write_text("DCE_MAX_N=3\n")
+    try:
+        assert load_settings().max_n == 16
+    finally:
+        dotenv.unlink()

@@ -92,12 +92,22 @@ def test_models_unreachable_is_503(make_app):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_headers_later_than_first_byte_timeout_is_504(make_app, fake_vllm, stream):
-    c = make_app(DCE_FIRST_BYTE_TIMEOUT="1").test_client()
+def test_an_answer_later_than_its_timeout_is_504(make_app, fake_vllm, stream):
+    c = make_app(DCE_FIRST_BYTE_TIMEOUT="1", DCE_ANSWER_TIMEOUT="1").test_client()
     c.get("/readyz")  # let the proxy learn the model before the fake turns slow
     fake_vllm.header_delay = 3
     r = c.post("/v1/chat/completions", json={"messages": MESSAGES, "stream": stream}, headers=AUTH)
     assert_error(r, 504)
+
+
+def test_a_whole_answer_may_take_longer_than_the_first_byte_timeout(make_app, fake_vllm):
+    # vLLM sends a non-streamed answer only when it is complete: the first byte is the last one, so
+    # DCE_FIRST_BYTE_TIMEOUT would cut every long generation (issue 12). It gets DCE_ANSWER_TIMEOUT.
+    c = make_app(DCE_FIRST_BYTE_TIMEOUT="1").test_client()
+    c.get("/readyz")
+    fake_vllm.header_delay = 2
+    r = c.post("/v1/chat/completions", json={"messages": MESSAGES}, headers=AUTH)
+    assert r.status_code == 200, r.data
 
 
 @pytest.mark.parametrize("route, body", GENERATION)

@@ -1,9 +1,12 @@
 """What the proxy changes in a request before vLLM sees it: the model name,
 max_tokens / max_completion_tokens above the context, and the n cap."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from unit_helpers import ALICE_KEY, assert_error, bearer
+from wire import wait_until
 
 AUTH = bearer(ALICE_KEY)
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -115,3 +118,56 @@ def test_a_slow_first_model_list_is_waited_for(make_app, fake_vllm, monkeypatch)
     fake_vllm.models_delay = 1  # nothing known to fall back on: wait as for any answer
     r = chat(make_app().test_client())
     assert r.status_code == 200, r.data
+
+
+def test_a_readiness_flood_neither_holds_up_generations_nor_multiplies_model_reads(make_app, fake_vllm):
+    # /readyz is public: probes that each read the model list under the lock every generation takes
+    # would let anyone stall the generations (issue 12).
+    app = make_app()
+    assert chat(app.test_client()).status_code == 200  # the model list is known
+    fake_vllm.models_delay = 2  # a busy engine lists its models slowly
+    listed_before = sum(r.path == "/v1/models" for r in fake_vllm.requests)
+    with ThreadPoolExecutor(8) as pool:
+        probes = [pool.submit(app.test_client().get, "/readyz") for _ in range(8)]
+        wait_until(lambda: sum(r.path == "/v1/models" for r in fake_vllm.requests) > listed_before, 5,
+                   "a probe to ask vLLM for its models")
+        r = chat(app.test_client())
+        assert r.status_code == 200, r.data
+        assert not any(probe.done() for probe in probes), "the generation waited for the probes"
+        assert all(probe.result().status_code == 200 for probe in probes)
+    assert sum(r.path == "/v1/models" for r in fake_vllm.requests) == listed_before + 1  # one read, shared
+
+
+@pytest.mark.parametrize("prompt, n, allowed", [
+    (["p"] * 4, 1, True), (["p"] * 5, 1, False), (["p", "q"], 2, True), (["p", "q"], 3, False),
+    ([1, 2, 3, 4, 5, 6, 7], 4, True),  # token ids: one prompt
+    ([[1, 2], [3, 4], [5, 6]], 2, False),
+])
+def test_prompts_times_n_count_against_the_sequence_cap(make_app, fake_vllm, prompt, n, allowed):
+    # One request with a list of prompts took one slot however many sequences it started (issue 12).
+    c = make_app(DCE_MAX_N="4", DCE_DEFAULT_N="2").test_client()
+    r = c.post("/v1/completions", json={"prompt": prompt, "n": n, "max_tokens": 4}, headers=AUTH)
+    if allowed:
+        assert r.status_code == 200, r.data
+    else:
+        assert_error(r, 422, param="prompt")
+        assert not fake_vllm.generation_requests
+
+
+@pytest.mark.parametrize("route, field, value", [
+    ("/v1/completions", "logprobs", 6), ("/v1/chat/completions", "top_logprobs", 21),
+    ("/v1/completions", "prompt_logprobs", 1), ("/v1/chat/completions", "prompt_logprobs", 0),
+])
+def test_log_probabilities_are_bounded(client, fake_vllm, route, field, value):
+    body = {"prompt": "p"} if route == "/v1/completions" else {"messages": MESSAGES}
+    assert_error(client.post(route, json={**body, field: value}, headers=AUTH), 422, param=field)
+    assert not fake_vllm.generation_requests
+
+
+@pytest.mark.parametrize("route, fields", [
+    ("/v1/completions", {"logprobs": 5, "echo": True}), ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 20}),
+])
+def test_log_probabilities_within_bounds_pass(client, fake_vllm, route, fields):
+    body = {"prompt": "p"} if route == "/v1/completions" else {"messages": MESSAGES}
+    assert client.post(route, json={**body, **fields}, headers=AUTH).status_code == 200
+    assert {name: fake_vllm.last_body[name] for name in fields} == fields
