@@ -36,7 +36,7 @@ fi
 [[ -f $token_file ]] || { mkdir -p "$(dirname "$token_file")"; (umask 022; : > "$token_file"); }
 # The key between the proxy and vLLM: nobody types it, so it is made here once.
 if [[ ! -s $vllm_key_file ]]; then
-  mkdir -p "$(dirname "$vllm_key_file")"
+  mkdir -p "$(dirname "$vllm_key_file")" && chmod 0700 "$(dirname "$vllm_key_file")"
   (umask 022; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > "$vllm_key_file")
 fi
 # Secrets are bind mounts: the proxy's and vLLM's unprivileged users read them with the host's modes.

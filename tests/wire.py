@@ -188,11 +188,12 @@ def post_like_extension(session: requests.Session, url: str, body: dict, *,
 
 def open_held_tab(new_session: Callable[[], requests.Session], url: str, body: dict, *,
                   on_chunk: Callable[[ExtensionResult], bool | None] | None = None) -> ExtensionResult:
-    """post_like_extension for the streams a test sets up and holds (not the ones it examines): a
-    connection that ended before any answer arrived is opened once more, and counted in the
-    figures' "retries needed". Measured on 2-core CI machines under load: Docker's port forwarding
-    to Caddy now and then closes a new connection unanswered ("Remote end closed connection without
-    response", an EOF in the TLS handshake). A silence (Socket timeout) is never retried."""
+    """post_like_extension for tests about what happens once streams run (held, paused, aborted,
+    cut), not about opening them: a connection that ended before any answer arrived is opened once
+    more, and counted in the figures' "retries needed". Measured on 2-core CI machines under load:
+    Docker's port forwarding to Caddy now and then closes a new connection unanswered ("Remote end
+    closed connection without response", an EOF in the TLS handshake). Anything the stack answered,
+    and a silence (Socket timeout), is never retried: the extension would show it."""
     for attempt in (1, 2):
         with new_session() as session:
             result = post_like_extension(session, url, body, on_chunk=on_chunk)

@@ -73,13 +73,14 @@ def authenticate() -> None:
     if request.url_rule is None or request.endpoint in current_app.config["DCE_PUBLIC_ENDPOINTS"]:
         return
     settings = current_app.config["DCE_SETTINGS"]
-    if not settings.open_mode:
-        refuse_after_failed_authentications()
     key = find_key(presented_key(), settings.api_keys)
     if key is not None:
+        # A valid key always passes: behind one shared address (a NAT), a colleague's stale key
+        # must not lock everyone else out.
         g.client_id = key.key_id
     elif settings.open_mode:
         g.client_id = f"ip:{client_address()}"
     else:
+        refuse_after_failed_authentications()
         count_failed_authentication()
         raise unauthorized()

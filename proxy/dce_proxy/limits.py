@@ -41,8 +41,9 @@ def client_address() -> str:
 
 
 def refuse_after_failed_authentications() -> None:
-    """An address over its budget of failed authentications (DCE_AUTH_FAILURE_LIMIT) is refused
-    before any key it sends is even compared: guessing keys, or flooding 401s, buys only waiting."""
+    """A request without a valid key, from an address over its budget of them
+    (DCE_AUTH_FAILURE_LIMIT), gets 429 with Retry-After instead of 401: a client that keeps sending
+    a wrong key is told to wait, and a flood of them is answered without further work."""
     limiter, limit, address = _auth_failures()
     if not limiter.test(limit, "auth-failures", address):
         reset_at = limiter.get_window_stats(limit, "auth-failures", address).reset_time

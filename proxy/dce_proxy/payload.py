@@ -132,7 +132,8 @@ _MAX_TOP_LOGPROBS = 20
 def _check_sequences(body: dict, max_n: int) -> None:
     """What one request may make the GPU do: n x prompts sequences at most DCE_MAX_N (the in-flight
     cap counts requests, so a list of prompts must not be a way around it), and bounded
-    log-probabilities. Log-probabilities of the whole prompt are refused."""
+    log-probabilities. Log-probabilities of the whole prompt (prompt_logprobs, or echo with
+    logprobs) are refused."""
     n = integer(body, "n", low=1, high=max_n) or 1
     prompts = _prompt_count(body.get("prompt"))
     if n * prompts > max_n:
@@ -143,6 +144,11 @@ def _check_sequences(body: dict, max_n: int) -> None:
     if body.get("prompt_logprobs") is not None:
         raise invalid("prompt_logprobs", "'prompt_logprobs' is not served: it would return the whole prompt's "
                                          "log-probabilities.")
+    # vLLM answers echo with log-probabilities by computing them for the whole prompt too.
+    asks_logprobs = body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0)
+    if boolean(body, "echo") and asks_logprobs:
+        raise invalid("echo", "'echo' with log-probabilities is not served: it would return the whole prompt's "
+                              "log-probabilities.")
 
 
 def _prompt_count(prompt) -> int:

@@ -71,7 +71,7 @@ class Passthrough:
     def feed(self, chunk: bytes) -> bytes:
         self._tail = (self._tail + chunk)[-len(DONE) - 4:]
         self.complete = self.complete or DONE.strip() in self._tail
-        self.at_boundary = self._tail.endswith(b"\n\n")
+        self.at_boundary = self._tail.endswith((b"\n\n", b"\r\n\r\n"))
         return chunk
 
     def end(self) -> bytes:

@@ -125,8 +125,8 @@ class _Stream:
                 out = self._relay.feed(item)
                 if out:
                     yield out
-                if self._relay.stopped:
-                    return
+                if self._relay.stopped or self._relay.complete:
+                    return  # nothing may follow DONE, not even a heartbeat while vLLM closes
                 continue
             if item is ENDED:
                 yield self._relay.end()
@@ -144,7 +144,7 @@ class _Stream:
             except queue.Empty:
                 if self._relay.at_boundary:
                     yield HEARTBEAT
-                else:  # never inside an event: wait for its end, another interval at most
+                else:  # never inside an event, which it would corrupt: look again an interval later
                     self._next_beat = time.monotonic() + self._interval
 
     def _wait_in_line(self):

@@ -107,7 +107,9 @@ class Upstream:
             log.warning("vLLM's model list is not known yet: %s", error.message)
 
     def forget_models(self) -> None:
-        self._models = None
+        """vLLM answered 404 for a model: its list may have changed. The next request reads it again
+        in the background (the known list serves meanwhile, so no stream waits on the read)."""
+        self._models_read_at = float("-inf")
 
     def _refresh_models(self) -> None:
         try:

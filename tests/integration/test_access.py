@@ -159,10 +159,11 @@ def test_logs_hold_no_key_and_no_prompt(stack, session):
     header_response = session.post(f"{stack.base}/v1/completions", headers={"Authorization": f"Bearer {stack.other_key}"},
                                    json={"prompt": PROMPT_MARKER, "max_tokens": 8}, timeout=60)
     assert path_response.status_code == header_response.status_code == 200
-    # Other spellings of the key path the proxy accepts: an escaped "k", an absolute URL as target.
-    spelled = {stack.load_keys[8]: f"/%6B/{stack.load_keys[8]}/api/dce/generate",
+    # Other spellings of the key path the proxy accepts: an escaped "k" or "/", an absolute URL.
+    spelled = {stack.load_keys[7]: f"/%6B/{stack.load_keys[7]}/api/dce/generate",
+               stack.load_keys[8]: f"/k%2F{stack.load_keys[8]}/api/dce/generate",
                stack.load_keys[9]: f"https://localhost:{stack.https_port}/k/{stack.load_keys[9]}/api/dce/generate"}
-    assert [_post_raw(stack, target, generate) for target in spelled.values()] == [200, 200]
+    assert [_post_raw(stack, target, generate) for target in spelled.values()] == [200, 200, 200]
     answer = path_response.json()["responses"][0]
     logs = {service: stack.container(service).logs().decode(errors="replace") for service in ("caddy", "proxy")}
     assert "/k/REDACTED" in logs["caddy"]  # the request was logged, with its key cut out

@@ -53,6 +53,7 @@ FUZZ_STATS = pytest.StashKey[dict]()
 
 def pytest_configure(config):
     config.stash[FUZZ_STATS] = {"requests": 0, "5xx": 0, "statuses": collections.Counter()}
+    figures.reset()  # this run starts the tally (its tests add to it) that the integration run completes
 
 
 def pytest_collection_modifyitems(config, items):
@@ -66,7 +67,6 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     stats = config.stash.get(FUZZ_STATS, None)
     if stats and stats["requests"]:
-        figures.reset()  # this run starts the tally that the integration run completes
         figures.add("requests_fuzzed", stats["requests"])
         figures.add("fuzz_5xx", stats["5xx"])
         top = ", ".join(f"{code}: {count}" for code, count in sorted(stats["statuses"].items()))

@@ -120,12 +120,16 @@ def test_a_slow_first_model_list_is_waited_for(make_app, fake_vllm, monkeypatch)
     assert r.status_code == 200, r.data
 
 
-def test_a_readiness_flood_neither_holds_up_generations_nor_multiplies_model_reads(make_app, fake_vllm):
+def test_a_readiness_flood_neither_holds_up_generations_nor_multiplies_model_reads(make_app, fake_vllm,
+                                                                                    monkeypatch):
     # /readyz is public: probes that each read the model list under the lock every generation takes
     # would let anyone stall the generations (issue 12).
+    from dce_proxy import upstream
+    monkeypatch.setattr(upstream, "_MODELS_QUICK_TIMEOUT_SECONDS", 30)
     app = make_app()
     assert chat(app.test_client()).status_code == 200  # the model list is known
-    fake_vllm.models_delay = 2  # a busy engine lists its models slowly
+    # A busy engine lists its models slowly: far slower than a generation takes, whatever the load.
+    fake_vllm.models_delay = 8
     listed_before = sum(r.path == "/v1/models" for r in fake_vllm.requests)
     with ThreadPoolExecutor(8) as pool:
         probes = [pool.submit(app.test_client().get, "/readyz") for _ in range(8)]
@@ -157,15 +161,17 @@ def test_prompts_times_n_count_against_the_sequence_cap(make_app, fake_vllm, pro
 @pytest.mark.parametrize("route, field, value", [
     ("/v1/completions", "logprobs", 6), ("/v1/chat/completions", "top_logprobs", 21),
     ("/v1/completions", "prompt_logprobs", 1), ("/v1/chat/completions", "prompt_logprobs", 0),
+    ("/v1/completions", "echo", True),  # with logprobs 1 below: vLLM would compute the prompt's
 ])
 def test_log_probabilities_are_bounded(client, fake_vllm, route, field, value):
-    body = {"prompt": "p"} if route == "/v1/completions" else {"messages": MESSAGES}
+    body = {"prompt": "p", "logprobs": 1} if route == "/v1/completions" else {"messages": MESSAGES}
     assert_error(client.post(route, json={**body, field: value}, headers=AUTH), 422, param=field)
     assert not fake_vllm.generation_requests
 
 
 @pytest.mark.parametrize("route, fields", [
-    ("/v1/completions", {"logprobs": 5, "echo": True}), ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 20}),
+    ("/v1/completions", {"logprobs": 5}), ("/v1/completions", {"echo": True}),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 20}),
 ])
 def test_log_probabilities_within_bounds_pass(client, fake_vllm, route, fields):
     body = {"prompt": "p"} if route == "/v1/completions" else {"messages": MESSAGES}
