@@ -151,7 +151,9 @@ def test_vllm_killed_mid_stream_ends_streams_then_recovers_without_proxy_restart
                                 f"the proxy's connections to vLLM: {_connections_to_vllm(stack)}")
         results = [future.result() for future in futures]
 
-        assert ended_within < 10, told()
+        # At once when the killed vLLM's connections close; when their FIN is lost (seen in CI: the
+        # container's network went first), TCP keep-alive probes end them within about 20 s.
+        assert ended_within < 30, told()
         for result in results:
             assert result.status == 200 and result.saw_done, told()
             # The extension shows the reason in the tab, then closes it.
