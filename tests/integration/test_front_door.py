@@ -6,18 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from unit_helpers import assert_error  # the error-shape check the unit suite uses, for any response
 from wire import wait_until
 
 CAP_MIB = 50  # DCE_MAX_BODY_MB, the default
-
-
-def _assert_openai_error(response, status: int, code: str) -> dict:
-    assert response.status_code == status, (response.status_code, response.text[:300])
-    assert response.headers["Content-Type"].startswith("application/json"), response.headers
-    error = response.json()["error"]
-    assert isinstance(error["message"], str) and error["message"] and error["type"], error
-    assert error["code"] == code, error
-    return error
 
 
 def test_a_body_under_the_cap_in_mib_reaches_the_proxy(stack, session):
@@ -26,7 +18,7 @@ def test_a_body_under_the_cap_in_mib_reaches_the_proxy(stack, session):
     response = session.post(f"{stack.base}/k/{stack.key}/v1/chat/completions", data=body,
                             headers={"Content-Type": "application/json"}, timeout=120)
     # The proxy read it all, and found it is not JSON.
-    _assert_openai_error(response, 400, "invalid_json")
+    assert assert_error(response, 400)["code"] == "invalid_json"
 
 
 @pytest.mark.disruptive
@@ -36,7 +28,7 @@ def test_the_proxy_down_is_a_json_502_with_retry_after(stack, session):
     try:
         response = session.get(f"{stack.base}/v1/models", headers={"Authorization": f"Bearer {stack.key}"},
                                timeout=60)
-        _assert_openai_error(response, 502, "proxy_unavailable")
+        assert assert_error(response, 502)["code"] == "proxy_unavailable"
         assert int(response.headers["Retry-After"]) > 0
     finally:
         proxy.start()
