@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import figures
 import pytest
 
+from machine import Watch
 from stack import REPO, Stack, start_stack
 
 LOG_FILE = REPO / ".test-stack.log"
@@ -34,3 +37,27 @@ def pytest_collection_modifyitems(items):
 def session(stack: Stack):
     with stack.session() as session:
         yield session
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    item.machine_watch, item.machine_watch_started = Watch(), time.time()
+    yield
+    item.machine_watch.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    watch = getattr(item, "machine_watch", None)
+    if report.when != "call" or not report.failed or watch is None:
+        return
+    # With the failure: whether the machine was working meanwhile (machine.py).
+    stack = item.funcargs.get("stack")
+    proxy_log = ""
+    if stack is not None:
+        try:
+            proxy_log = stack.container("proxy").logs(since=int(item.machine_watch_started)).decode(errors="replace")
+        except Exception as exc:  # a report that cannot read the log still says the rest
+            proxy_log = f"(proxy log unreadable: {exc})"
+    report.sections.append(("machine during the test", watch.summary(proxy_log)))

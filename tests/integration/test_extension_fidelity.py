@@ -146,5 +146,7 @@ def test_a_silent_engine_for_longer_than_the_extensions_timeout_loses_no_tab(sta
     for result in results:  # each ends by itself: 3000 tokens, then [DONE]
         assert result.status == 200 and result.failure is None, result
         assert result.finish_reason == "length" and result.saw_done
-    # What kept each silenced tab open through the silence.
-    assert all(results[i].heartbeats >= 1 for i in silenced), [(i, results[i].heartbeats) for i in silenced]
+    # What kept the tabs that were mid-stream open through the silence. (A tab still without a
+    # token at the pause may have reached the proxy only late in it, on a starved machine, and so
+    # needed no heartbeat; had one needed it and got none, it failed above with Socket timeout.)
+    assert all(results[i].heartbeats >= 1 for i in mid_stream), [(i, results[i].heartbeats) for i in mid_stream]
