@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-from typing import Callable
+import logging
+import re
+from typing import Callable, Iterator
 
 import urllib3
 from flask import Response, current_app, request
@@ -14,7 +17,7 @@ from .limits import current_slot
 from .payload import fit_to_model
 from .sse import DONE, EventSplitter, event_data
 from .stream import stream_response
-from .upstream import read_all
+from .upstream import UpstreamStreamError, iter_body, read_all
 
 # Per-event rewrite: takes the decoded event, returns the bytes to send (b"" to send nothing).
 EventRewriter = Callable[[dict], bytes]
@@ -22,6 +25,11 @@ EventRewriter = Callable[[dict], bytes]
 ErrorEvent = Callable[[ApiError], bytes]
 
 _EARLY_END = "vLLM ended the stream before it was complete."
+# Enough of a whole answer's end to hold its usage (and the few fields vLLM puts after it).
+_USAGE_TAIL_BYTES = 4096
+_USAGE_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
+
+log = logging.getLogger("dce_proxy")
 
 
 def stats() -> dict:
@@ -144,7 +152,58 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
         if answer.status == 404:
             upstream.forget_models()  # the served model may have changed under us
         return upstream_error_response(answer)
-    body_bytes, parsed = read_json(answer)
     if rewrite_json is None:
-        return Response(body_bytes, mimetype="application/json")
+        return _passed_through(answer)
+    _, parsed = read_json(answer)
     return json_body_response(rewrite_json(parsed))
+
+
+def _passed_through(answer: urllib3.BaseHTTPResponse) -> Response:
+    """vLLM's whole answer (sent at once, when generation is over) goes on as it arrives: never
+    parsed, never held whole. Only its first byte is checked (vLLM answers a JSON object), and its
+    Content-Length goes on too, so a client sees an answer cut after that as cut."""
+    chunks = iter_body(answer)
+    try:
+        first = next(chunks, b"")
+    except UpstreamStreamError as exc:
+        answer.close()
+        raise exc.error from None
+    if not first.lstrip().startswith(b"{"):
+        answer.close()
+        raise upstream_garbage("vLLM's answer is not a JSON object.")
+    length = answer.headers.get("Content-Length")
+    return Response(_rest_of(answer, first, chunks, stats(), int(length) if length else None),
+                    mimetype="application/json", headers={"Content-Length": length} if length else None)
+
+
+def _rest_of(answer: urllib3.BaseHTTPResponse, first: bytes, chunks: Iterator[bytes], counts: dict,
+             length: int | None) -> Iterator[bytes]:
+    """The answer's bytes; the usage at its end (vLLM's last fields) goes to `counts`, for the log."""
+    tail, received, whole = b"", 0, False
+    try:
+        for chunk in itertools.chain([first], chunks):
+            received += len(chunk)
+            tail = (tail + chunk)[-_USAGE_TAIL_BYTES:]
+            # Counted before the last bytes go out: a client may stop reading once it has them all.
+            whole = received == length
+            if whole:
+                _count_usage(tail, counts)
+            yield chunk
+        if length is None:
+            whole = True
+            _count_usage(tail, counts)
+    except UpstreamStreamError as exc:
+        log.warning("a whole answer was cut while it went out: %s", exc.error.message)
+    finally:
+        # A connection read to its end goes back to the pool; one cut (or left by the client) does not.
+        if whole:
+            answer.release_conn()
+        else:
+            answer.close()
+
+
+def _count_usage(tail: bytes, counts: dict) -> None:
+    # The last "usage": key is vLLM's own: a quote inside a JSON string is escaped.
+    _, found, usage = tail.rpartition(b'"usage":')
+    if found:
+        counts.update((name.decode(), int(value)) for name, value in _USAGE_COUNT.findall(usage))

@@ -2,6 +2,7 @@
 faults (502 / 503 / 504, mid-stream error events, vLLM errors passed through)."""
 
 import json
+import logging
 import socket
 
 import pytest
@@ -21,6 +22,8 @@ GENERATION = [
     ("/api/dce/generate", {"prompt": "hi", "n": 2}),
 ]
 POST_ROUTES = [route for route, _ in GENERATION]
+# Whole answers relayed as vLLM sends them (relay._passed_through), not rebuilt.
+PASSED_THROUGH = ["/v1/chat/completions", "/v1/completions"]
 
 
 # -- client errors ------------------------------------------------------------------
@@ -118,12 +121,34 @@ def test_garbage_body_is_502(client, fake_vllm, route, body):
 
 
 @pytest.mark.parametrize("route, body", GENERATION)
-def test_truncated_body_is_502_or_503(client, fake_vllm, route, body):
+def test_truncated_body_is_502_or_503_or_visibly_cut(client, fake_vllm, route, body):
     client.get("/readyz")
     fake_vllm.fault = "truncate"
     r = client.post(route, json=body, headers=AUTH)
+    if route in PASSED_THROUGH:
+        # Its bytes went on as they came (issue 12): the client sees fewer than were announced.
+        assert r.status_code == 200 and len(r.data) < int(r.headers["Content-Length"]), r.headers
+        return
     assert r.status_code in (502, 503)
     assert_error(r, r.status_code)
+
+
+@pytest.mark.parametrize("route", PASSED_THROUGH)
+def test_a_whole_answer_passes_through_byte_for_byte_and_its_usage_is_logged(make_app, fake_vllm, route):
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.args)
+    logging.getLogger("dce_proxy.access").addHandler(handler)
+    try:
+        r = make_app().test_client().post(route, json=dict(GENERATION)[route], headers=AUTH)
+        r.close()  # the access line is written when the response closes
+    finally:
+        logging.getLogger("dce_proxy.access").removeHandler(handler)
+    (sent,) = [rec.response_body for rec in fake_vllm.requests if rec.path == route]  # what vLLM answered
+    assert r.status_code == 200 and r.data == sent
+    usage = json.loads(sent)["usage"]
+    (line,) = lines
+    assert (line["prompt_tokens"], line["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
 
 
 def stream_ending_with_error(client, route, body):
