@@ -17,6 +17,9 @@ fi
 mirror=$(awk '/^(deb|URIs:)/ { for (i = 2; i <= NF; i++) if ($i ~ /^https?:\/\/.*\/debian\/?$/) { print $i; exit } }' \
   /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
 mirror=${mirror:-http://deb.debian.org/debian}
+security=$(awk '/^(deb|URIs:)/ { for (i = 2; i <= NF; i++) if ($i ~ /^https?:\/\/.*\/debian-security\/?$/) { print $i; exit } }' \
+  /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+security=${security:-http://deb.debian.org/debian-security}
 
 if ! command -v debootstrap >/dev/null; then
   if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then
@@ -32,6 +35,16 @@ trap 'rm -rf "$root" "$root.log"' EXIT
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
   bookworm "$root" "$mirror" > "$root.log" 2>&1 \
   || { tail -n 30 "$root.log" >&2; exit 1; }
+
+# Debian's security and point-release updates, now and for every image's later apt installs: a
+# package Debian has patched (openssl, python3, redis-server...) is never installed unpatched.
+cat > "$root/etc/apt/sources.list" <<SOURCES
+deb $mirror bookworm main
+deb $mirror bookworm-updates main
+deb $security bookworm-security main
+SOURCES
+chroot "$root" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -qq' \
+  > "$root.log" 2>&1 || { tail -n 30 "$root.log" >&2; exit 1; }
 
 # Same trimming as Debian's -slim images, and keep later apt installs trimmed.
 rm -rf "$root"/usr/share/{doc,man,info,locale,lintian,linda}/* \

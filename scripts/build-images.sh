@@ -12,7 +12,7 @@ BASE=dce-base:bookworm
 CADDY=dce-caddy:2.11.7
 PROXY=dce-proxy:local
 VLLM=dce-vllm-cpu:0.32.0-tiny
-LIMITS=dce-redis:7.0.15
+LIMITS=dce-limits:local
 
 wanted=" ${*:-base caddy proxy limits vllm} "
 for name in $wanted; do

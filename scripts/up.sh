@@ -26,6 +26,7 @@ set_env_value() {
 keys_file=$(env_value DCE_API_KEYS_SECRET); keys_file=${keys_file:-./secrets/dce_api_keys}
 token_file=$(env_value HF_TOKEN_SECRET); token_file=${token_file:-./secrets/hf_token}
 vllm_key_file=$(env_value VLLM_API_KEY_SECRET); vllm_key_file=${vllm_key_file:-./secrets/vllm_api_key}
+limits_password_file=$(env_value LIMITS_PASSWORD_SECRET); limits_password_file=${limits_password_file:-./secrets/limits_password}
 
 if [[ ! -s $keys_file ]]; then
   mkdir -p "$(dirname "$keys_file")" && chmod 0700 "$(dirname "$keys_file")"
@@ -34,13 +35,16 @@ if [[ ! -s $keys_file ]]; then
   say "created an API key in $keys_file (not printed: logs of this command may be kept)"
 fi
 [[ -f $token_file ]] || { mkdir -p "$(dirname "$token_file")"; (umask 022; : > "$token_file"); }
-# The key between the proxy and vLLM: nobody types it, so it is made here once.
-if [[ ! -s $vllm_key_file ]]; then
-  mkdir -p "$(dirname "$vllm_key_file")" && chmod 0700 "$(dirname "$vllm_key_file")"
-  (umask 022; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > "$vllm_key_file")
-fi
-# Secrets are bind mounts: the proxy's and vLLM's unprivileged users read them with the host's modes.
-for secret in "$keys_file" "$token_file" "$vllm_key_file"; do
+# The keys between the proxy and vLLM, and between the proxy and Redis: nobody types them, so they
+# are made here once.
+for secret in "$vllm_key_file" "$limits_password_file"; do
+  if [[ ! -s $secret ]]; then
+    mkdir -p "$(dirname "$secret")" && chmod 0700 "$(dirname "$secret")"
+    (umask 022; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > "$secret")
+  fi
+done
+# Secrets are bind mounts: the containers' unprivileged users read them with the host's modes.
+for secret in "$keys_file" "$token_file" "$vllm_key_file" "$limits_password_file"; do
   if [[ $(( 8#$(stat -c %a "$secret") & 4 )) == 0 ]]; then
     say "$secret is unreadable by the containers' unprivileged users: chmod 0644 $secret (its folder keeps others out: chmod 0700 $(dirname "$secret"))"
     exit 1
@@ -66,27 +70,61 @@ if (( workers > 1 )); then
   say "$workers proxy workers: their limits are shared through Redis (compose.scale.yaml)"
 fi
 
-# Hosts that reach no registry (air-gapped, or this CI kind) run the locally built equivalents.
-caddy_image=$(env_value CADDY_IMAGE); caddy_image=${caddy_image:-caddy:2.11.7}
-build=(--build)
-if [[ $caddy_image == dce-* ]]; then
-  say "using locally built images (set in .env): bringing them up to date (scripts/build-images.sh)"
-  scripts/build-images.sh
-  build=()
-elif ! docker image inspect "$caddy_image" >/dev/null 2>&1 && ! docker pull -q "$caddy_image" >/dev/null 2>&1; then
-  say "cannot pull $caddy_image: using locally built images (scripts/build-images.sh), recorded in .env"
-  scripts/build-images.sh
-  # In .env, not only in this script's environment: a plain `docker compose up -d` later must not
-  # try to pull the registry names on a host that reaches no registry.
-  set_env_value CADDY_IMAGE dce-caddy:2.11.7
-  set_env_value PROXY_IMAGE dce-proxy:local
-  set_env_value LIMITS_IMAGE dce-redis:7.0.15
-  build=()
+# Where the images come from, chosen once and kept in .env (DCE_IMAGES): `registry` pulls Caddy and
+# vLLM and builds the proxy and Redis images here; `local` builds every image here from Debian and
+# PyPI packages, for hosts that reach no container registry. Only an unset DCE_IMAGES is decided
+# here, and it is said why: a registry that fails later is an error to see, not a silent switch.
+registry_answers() {
+  python3 - <<'PY'
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen("https://registry-1.docker.io/v2/", timeout=10)
+except urllib.error.HTTPError:
+    sys.exit(0)  # an HTTP answer (401 without a token) is a registry that answers
+except OSError:
+    sys.exit(1)
+PY
+}
+images=$(env_value DCE_IMAGES)
+if [[ -z $images ]]; then
+  if [[ $(env_value CADDY_IMAGE) == dce-* ]]; then
+    images=local  # what an earlier `make up` chose, before DCE_IMAGES existed
+  elif registry_answers; then
+    images=registry
+  else
+    images=local
+    say "no container registry answers (registry-1.docker.io): every image is built here instead"
+  fi
+  set_env_value DCE_IMAGES "$images"
+  say "images: DCE_IMAGES=$images, recorded in .env (change it there to switch)"
 fi
-if [[ " ${files[*]} " == *" compose.cpu.yaml "* ]]; then
-  cpu_image=$(env_value VLLM_CPU_IMAGE); cpu_image=${cpu_image:-dce-vllm-cpu:0.32.0-tiny}
-  docker image inspect "$cpu_image" >/dev/null 2>&1 || scripts/build-images.sh vllm
-fi
+case $images in
+  registry)
+    build=(--build)
+    # The CPU profile's engine image is always built here (a tiny model made at build time).
+    if [[ " ${files[*]} " == *" compose.cpu.yaml "* ]]; then
+      cpu_image=$(env_value VLLM_CPU_IMAGE); cpu_image=${cpu_image:-dce-vllm-cpu:0.32.0-tiny}
+      docker image inspect "$cpu_image" >/dev/null 2>&1 || scripts/build-images.sh vllm
+    fi
+    ;;
+  local)
+    # Only what this host runs: no 2 GB CPU engine image on a GPU host, no Redis for one worker.
+    needed=(caddy proxy)
+    [[ " ${files[*]} " != *" compose.scale.yaml "* ]] || needed+=(limits)
+    [[ " ${files[*]} " != *" compose.cpu.yaml "* ]] || needed+=(vllm)
+    say "DCE_IMAGES=local: bringing ${needed[*]} up to date (scripts/build-images.sh)"
+    scripts/build-images.sh "${needed[@]}"
+    # In .env, where a plain `docker compose up -d` later finds them too.
+    set_env_value CADDY_IMAGE dce-caddy:2.11.7
+    set_env_value PROXY_IMAGE dce-proxy:local
+    set_env_value LIMITS_IMAGE dce-limits:local
+    build=()
+    ;;
+  *)
+    say "DCE_IMAGES in .env is '$images': it must be registry or local"
+    exit 1
+    ;;
+esac
 
 # pip inside the proxy build may pass a TLS-inspecting proxy; its CA is a build input, never in the image.
 EXTRA_CA_CERTS=${EXTRA_CA_CERTS:-$(cat /usr/local/share/ca-certificates/*.crt 2>/dev/null || true)}

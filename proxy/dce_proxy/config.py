@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -20,13 +21,14 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ApiKey:
     key_id: str  # what logs and limits use; never the key itself
-    secret: bytes
+    secret: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
 class Settings:
     vllm_url: str = "http://vllm:8000"
-    vllm_api_key: str = ""  # sent to vLLM as a bearer token when set
+    # Secrets stay out of repr(): a logged Settings or traceback must not show them.
+    vllm_api_key: str = field(default="", repr=False)  # sent to vLLM as a bearer token when set
     api_keys: tuple[ApiKey, ...] = ()
     open_mode: bool = False
     model_aliases: Mapping[str, str] = field(default_factory=dict)
@@ -42,7 +44,7 @@ class Settings:
     heartbeat_seconds: float = 15.0
     queue_timeout: float = 300.0
     connect_timeout: float = 5.0
-    ratelimit_storage_uri: str = "memory://"
+    ratelimit_storage_uri: str = field(default="memory://", repr=False)  # may hold the Redis password
     workers: int = 1
 
 
@@ -73,7 +75,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         # Below the DCE extension's 60 s socket timeout, or the heartbeats would not keep it open.
         heartbeat_seconds=reader.number("DCE_HEARTBEAT_SECONDS", Settings.heartbeat_seconds, high=55),
         queue_timeout=reader.number("DCE_QUEUE_TIMEOUT", Settings.queue_timeout),
-        ratelimit_storage_uri=env.get("DCE_RATELIMIT_STORAGE_URI", Settings.ratelimit_storage_uri),
+        ratelimit_storage_uri=_with_password(
+            env.get("DCE_RATELIMIT_STORAGE_URI", Settings.ratelimit_storage_uri).strip(),
+            _read_secret(env.get("DCE_RATELIMIT_PASSWORD_FILE", "").strip(), "DCE_RATELIMIT_PASSWORD_FILE")),
         workers=reader.integer("DCE_PROXY_WORKERS", Settings.workers, 1, 64),
     )
     _check_consistency(settings)
@@ -179,6 +183,20 @@ def _read_secret(path: str, name: str) -> str:
     if len(secret) < MIN_KEY_LENGTH or any(char.isspace() for char in secret):
         raise ConfigError(f"{name}: {path} must hold one key of at least {MIN_KEY_LENGTH} characters")
     return secret
+
+
+def _with_password(storage_uri: str, password: str) -> str:
+    """The Redis URI with the password of DCE_RATELIMIT_PASSWORD_FILE (a Compose secret) in it."""
+    if not password:
+        return storage_uri
+    parts = urllib.parse.urlsplit(storage_uri)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError("DCE_RATELIMIT_PASSWORD_FILE is set, but DCE_RATELIMIT_STORAGE_URI is not a redis:// URI")
+    if "@" in parts.netloc:
+        raise ConfigError("DCE_RATELIMIT_STORAGE_URI holds a user or password already: "
+                          "give the password only in DCE_RATELIMIT_PASSWORD_FILE")
+    netloc = f":{urllib.parse.quote(password, safe='')}@{parts.netloc}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _read_file(path: str, name: str) -> str:

@@ -50,6 +50,7 @@ class Stack:
     # Ten more curators: a load beyond one key's DCE_MAX_CONCURRENT needs several keys.
     load_keys: list[str]
     keys_file: Path  # the proxy's Compose secret; a test may revoke a key in it
+    limits_password: str  # Redis's (compose.scale.yaml)
     project: str = PROJECT
 
     @property
@@ -88,7 +89,8 @@ class Stack:
 
     def live_slot_leases(self, key_name: str) -> int:
         """Generation slots a key holds right now, across every proxy worker (Redis)."""
-        result = self.container("limits").exec_run(["redis-cli", "EVAL", _LIVE_LEASES, "1", f"dce-slots/{key_name}"])
+        result = self.container("limits").exec_run(["redis-cli", "EVAL", _LIVE_LEASES, "1", f"dce-slots/{key_name}"],
+                                                   environment={"REDISCLI_AUTH": self.limits_password})
         assert result.exit_code == 0, result.output
         return int(result.output)
 
@@ -106,7 +108,9 @@ def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Pat
     token.write_text("")
     vllm_key = tmp / "vllm_api_key"
     vllm_key.write_text(secrets.token_urlsafe(24) + "\n")
-    for path in (keys, token, vllm_key):
+    limits_password = tmp / "limits_password"
+    limits_password.write_text(secrets.token_urlsafe(24) + "\n")
+    for path in (keys, token, vllm_key, limits_password):
         path.chmod(0o644)  # the proxy reads it as an unprivileged user through the bind mount
     env = tmp / "test.env"
     env.write_text("\n".join([
@@ -114,12 +118,13 @@ def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Pat
         "CADDY_IMAGE=dce-caddy:2.11.7",
         "PROXY_IMAGE=dce-proxy:local",
         "VLLM_CPU_IMAGE=dce-vllm-cpu:0.32.0-tiny",
-        "LIMITS_IMAGE=dce-redis:7.0.15",
+        "LIMITS_IMAGE=dce-limits:local",
         "DCE_PROXY_WORKERS=2",
         f"VLLM_CPU_MAX_MODEL_LEN={MAX_MODEL_LEN}",
         f"DCE_API_KEYS_SECRET={keys}",
         f"HF_TOKEN_SECRET={token}",
         f"VLLM_API_KEY_SECRET={vllm_key}",
+        f"LIMITS_PASSWORD_SECRET={limits_password}",
         "DCE_MAX_CONCURRENT=20",
         # The rate limits are tested in the unit suite; here they must not get in the way.
         "DCE_RATE_LIMIT=100000/minute",
@@ -174,7 +179,8 @@ def start_stack(tmp: Path, *, project: str = PROJECT, compose_files: list[str] =
         stack = Stack(compose=compose, https_port=int(caddy.get_publisher(by_port=443, by_host="127.0.0.1").PublishedPort),
                       http_port=int(caddy.get_publisher(by_port=80, by_host="127.0.0.1").PublishedPort),
                       ca_file=str(tmp / "caddy-root.crt"), key=key, other_key=other_key, load_keys=load_key_list,
-                      keys_file=tmp / "dce_api_keys", project=project)
+                      keys_file=tmp / "dce_api_keys", limits_password=(tmp / "limits_password").read_text().strip(),
+                      project=project)
         _fetch_root_ca(stack, Path(stack.ca_file))
         _wait_ready(stack)
     except BaseException:

@@ -236,3 +236,16 @@ def test_vllm_runs_as_its_own_user_and_owns_its_model_cache(stack):
     assert sorted(owner["HostConfig"]["CapAdd"]) == ["CAP_CHOWN", "CAP_DAC_READ_SEARCH"]
     assert owner["HostConfig"]["NetworkMode"] == "none"
     assert "no-new-privileges:true" in owner["HostConfig"]["SecurityOpt"]
+
+
+def test_the_limits_store_answers_only_the_proxys_password_and_is_debians_patched_build(stack):
+    limits = stack.container("limits")
+    refused = limits.exec_run(["redis-cli", "ping"])
+    assert b"NOAUTH" in refused.output, refused.output
+    allowed = limits.exec_run(["redis-cli", "ping"], environment={"REDISCLI_AUTH": stack.limits_password})
+    assert allowed.output.strip() == b"PONG", allowed.output
+    # The password reached Redis on stdin: no process's command line shows it.
+    assert stack.limits_password not in json.dumps(limits.top(ps_args="-eo pid,args"))
+    # Debian's security fixes for the 2025 Lua CVEs (CVE-2025-49844 and others) are in 1~deb12u6.
+    version = limits.exec_run(["dpkg-query", "-W", "-f", "${Version}", "redis-server"]).output.decode()
+    assert int(re.fullmatch(r"5:7\.0\.15-1~deb12u(\d+)", version)[1]) >= 6, version

@@ -51,3 +51,16 @@ def test_every_service_but_the_engine_has_memory_and_process_bounds():
     bounded = {name for name, service in services.items() if service.get("mem_limit") and service.get("pids_limit")}
     assert bounded == {"caddy", "proxy", "limits"}
     assert services["proxy"]["pids_limit"] == 512 and int(services["proxy"]["mem_limit"]) == 4 * 1024 ** 3
+
+
+def test_the_limits_store_is_built_here_and_wants_the_proxys_password():
+    # Not upstream's end-of-life redis:7.0 image: Debian's patched package, built like the proxy.
+    services = _config("compose.yaml", "compose.scale.yaml")["services"]
+    limits, proxy = services["limits"], services["proxy"]
+    assert limits["image"] == "dce-limits:latest" and limits["build"]["context"] == str(REPO / "limits")
+    assert limits["build"]["args"]["BASE_IMAGE"] == "debian:bookworm-slim"
+    assert {secret["source"] for secret in limits["secrets"]} == {"limits_password"}
+    assert "limits_password" in {secret["source"] for secret in proxy["secrets"]}
+    assert proxy["environment"]["DCE_RATELIMIT_PASSWORD_FILE"] == "/run/secrets/limits_password"
+    # (`compose config` writes a literal $ as $$, so that its output reads back the same.)
+    assert "requirepass $$(cat /run/secrets/limits_password)" in limits["command"][0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import subprocess
 import threading
@@ -246,3 +247,21 @@ def test_revoked_key_stays_revoked_and_config_survives_a_whole_stack_restart(sta
         assert models(stack.key) == 200
     assert ssl.get_server_certificate(("localhost", stack.https_port)) == certificate_before
     figures.add("faults_survived", 1)
+
+
+def test_a_full_limits_store_drops_old_counters_instead_of_refusing_requests(stack, session):
+    # What a flood of distinct client addresses leaves behind (open mode counts per address):
+    # a thousand more lapsing counters of 1 kB than Redis's 64 MB hold.
+    flood = "for i = 1, 66000 do redis.call('SET', 'flood/' .. i, string.rep('x', 1000), 'EX', 600) end"
+    auth = {"REDISCLI_AUTH": stack.limits_password}
+    limits = stack.container("limits")
+    try:
+        filled = limits.exec_run(["redis-cli", "EVAL", flood, "0"], environment=auth)
+        assert b"OOM" not in filled.output, filled.output  # Redis made room by itself
+        info = limits.exec_run(["redis-cli", "INFO", "stats"], environment=auth).output.decode()
+        assert int(re.search(r"evicted_keys:(\d+)", info)[1]) > 0, info
+        response = session.get(f"{stack.base}/v1/models", headers={"Authorization": f"Bearer {stack.key}"}, timeout=30)
+        assert response.status_code == 200, response.text
+    finally:
+        limits.exec_run(["redis-cli", "EVAL", flood.replace("redis.call('SET', 'flood/' .. i, string.rep('x', 1000), 'EX', 600)",
+                                                            "redis.call('UNLINK', 'flood/' .. i)"), "0"], environment=auth)

@@ -1,0 +1,72 @@
+"""`make up` (scripts/up.sh) decides where images come from once, keeps it in .env, and builds only
+what the host runs (issue 12). Docker and the image builds are stubs that record their calls."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def checkout(tmp_path):
+    """A copy of what up.sh reads, with docker, ensure-docker.sh and build-images.sh recording calls."""
+    for name in (".env.example", "compose.yaml", "compose.cpu.yaml", "compose.scale.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts/up.sh", tmp_path / "scripts/up.sh")
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for path, body in [(tmp_path / "scripts/ensure-docker.sh", "exit 0"),
+                       (tmp_path / "scripts/build-images.sh", f'echo "$*" >> {tmp_path}/built'),
+                       (stubs / "docker", f'echo "$*" >> {tmp_path}/docker')]:
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    return tmp_path
+
+
+def _up(checkout: Path, env_lines: str) -> subprocess.CompletedProcess:
+    (checkout / ".env").write_text((REPO / ".env.example").read_text() + env_lines)
+    # No nvidia-smi on this PATH: the CPU profile, as on this machine.
+    path = f"{checkout / 'bin'}:{os.path.dirname(shutil.which('python3'))}:/usr/bin:/bin"
+    return subprocess.run(["bash", "scripts/up.sh"], cwd=checkout, capture_output=True, text=True,
+                          env={"PATH": path, "HOME": str(checkout)})
+
+
+def _env(checkout: Path, name: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in (checkout / ".env").read_text().splitlines()
+            if line.startswith(f"{name}=")]
+
+
+def test_local_images_build_only_what_the_host_runs(checkout):
+    result = _up(checkout, "DCE_IMAGES=local\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (checkout / "built").read_text() == "caddy proxy vllm\n"  # CPU profile, one worker: no Redis
+    assert _env(checkout, "CADDY_IMAGE")[-1] == "dce-caddy:2.11.7"
+    assert "up -d --remove-orphans --wait" in (checkout / "docker").read_text()  # no --build: nothing to pull
+
+
+def test_several_workers_add_the_redis_image(checkout):
+    result = _up(checkout, "DCE_IMAGES=local\nDCE_PROXY_WORKERS=2\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (checkout / "built").read_text() == "caddy proxy limits vllm\n"
+
+
+def test_an_earlier_local_choice_is_kept_and_recorded(checkout):
+    # .env written by a `make up` from before DCE_IMAGES: its local image names say what it chose.
+    result = _up(checkout, "CADDY_IMAGE=dce-caddy:2.11.7\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _env(checkout, "DCE_IMAGES")[-1] == "local"
+    assert "DCE_IMAGES=local, recorded in .env" in result.stdout
+
+
+def test_an_unknown_image_source_stops_with_a_reason(checkout):
+    result = _up(checkout, "DCE_IMAGES=dockerhub\n")
+    assert result.returncode == 1
+    assert "must be registry or local" in result.stdout
+    assert not (checkout / "docker").exists() or "up -d" not in (checkout / "docker").read_text()
