@@ -1,7 +1,9 @@
 """gunicorn for long token streams: gevent holds thousands of open streams in one process,
 where thread workers hold only workers x threads and queue the rest."""
 
+import logging
 import os
+import re
 
 bind = os.environ.get("DCE_PROXY_BIND", "0.0.0.0:8000")
 worker_class = "gevent"
@@ -16,6 +18,24 @@ keepalive = 75
 # The app writes its own JSON access log, which never holds a /k/KEY path.
 accesslog = None
 errorlog = "-"
+
+
+class KeyRedactingFilter(logging.Filter):
+    """gunicorn's own error log names the target of a request that failed ("Error handling request
+    POST /k/KEY/..."), and bad request lines: the key is cut from them as Caddy's log cuts it, however
+    the prefix is spelled (/k/KEY, /%6B/KEY, /k%2FKEY, an absolute URL)."""
+
+    _PATH_KEY = re.compile(r"(?i)/(?:k|%6b)(?:/|%2f)[^/?\s'\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self._PATH_KEY.sub("/k/REDACTED", message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+logging.getLogger("gunicorn.error").addFilter(KeyRedactingFilter())
 loglevel = os.environ.get("DCE_LOG_LEVEL", "info")
 wsgi_app = "dce_proxy:create_app()"
 # No runtime control socket: nothing uses it, and the container's root filesystem is read-only.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -64,3 +65,21 @@ def test_the_limits_store_is_built_here_and_wants_the_proxys_password():
     assert proxy["environment"]["DCE_RATELIMIT_PASSWORD_FILE"] == "/run/secrets/limits_password"
     # (`compose config` writes a literal $ as $$, so that its output reads back the same.)
     assert "requirepass $$(cat /run/secrets/limits_password)" in limits["command"][0]
+
+
+# Read by the proxy but set by the compose files' own wiring (or, DCE_API_KEYS, meant for other
+# deployments: keys come from a secret file here), not settings an operator chooses in .env.
+_WIRED = {"VLLM_URL", "VLLM_API_KEY_FILE", "DCE_API_KEYS", "DCE_API_KEYS_FILE", "DCE_PROXY_BIND",
+          "DCE_RATELIMIT_STORAGE_URI", "DCE_RATELIMIT_PASSWORD_FILE"}
+
+
+def test_every_setting_the_proxy_reads_is_in_env_example_and_reaches_the_proxy():
+    source = "".join(path.read_text() for path in (REPO / "proxy").rglob("*.py"))
+    read = set(re.findall(r'(?:env(?:iron)?\.get|reader\.\w+)\("((?:DCE|VLLM)_[A-Z_]+)"', source))
+    assert {"DCE_MAX_N", "DCE_LOG_LEVEL", "DCE_PROXY_WORKERS"} <= read  # the scan sees them
+    example = set(re.findall(r"^([A-Z_]+)=", (REPO / ".env.example").read_text(), re.MULTILINE))
+    environment = {**_config("compose.yaml")["services"]["proxy"]["environment"],
+                   **_config("compose.yaml", "compose.scale.yaml")["services"]["proxy"]["environment"]}
+    chosen = read - _WIRED
+    assert chosen - example == set(), "read by the proxy, missing from .env.example"
+    assert chosen - set(environment) == set(), "read by the proxy, never passed to it by compose"

@@ -195,3 +195,24 @@ def test_a_stream_vllm_floods_does_not_hold_the_worker(default_proxy_server, fak
     assert answer.status_code == 200
     assert finished.is_set(), "the flooded stream did not end"
     assert answered_while_streaming, "the worker answered nothing else until the flooded stream ended"
+
+
+def test_gunicorns_own_error_log_never_shows_a_path_key(tmp_path):
+    # gunicorn logs the target of a request whose response failed before its headers, /k/KEY and
+    # all (issue 12): its config cuts the key, however spelled, and gunicorn's log set-up keeps that.
+    import logging
+    import runpy
+
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    from conftest import PROXY_DIR
+    runpy.run_path(str(PROXY_DIR / "gunicorn.conf.py"))
+    Logger(Config())  # what gunicorn does next with its loggers
+    error_log = logging.getLogger("gunicorn.error")
+    for target in (f"/k/{ALICE_KEY}/v1/chat/completions", f"/%6B/{ALICE_KEY}/v1/models",
+                   f"https://localhost/K%2F{ALICE_KEY}?x=1"):
+        record = error_log.makeRecord("gunicorn.error", logging.ERROR, __file__, 1,
+                                      "Error handling request %s %s", ("POST", target), None)
+        assert all(f.filter(record) for f in error_log.filters)
+        assert ALICE_KEY not in record.getMessage() and "/k/REDACTED" in record.getMessage(), record.getMessage()
