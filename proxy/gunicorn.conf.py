@@ -35,7 +35,10 @@ class KeyRedactingFilter(logging.Filter):
         return True
 
 
-logging.getLogger("gunicorn.error").addFilter(KeyRedactingFilter())
+# Once: a reload (SIGHUP) runs this file again, with a new class of the same name.
+_error_log = logging.getLogger("gunicorn.error")
+_error_log.filters = [f for f in _error_log.filters if type(f).__name__ != "KeyRedactingFilter"]
+_error_log.addFilter(KeyRedactingFilter())
 loglevel = os.environ.get("DCE_LOG_LEVEL", "info")
 wsgi_app = "dce_proxy:create_app()"
 # No runtime control socket: nothing uses it, and the container's root filesystem is read-only.

@@ -101,6 +101,12 @@ fi
 case $images in
   registry)
     build=(--build)
+    if [[ $(env_value CADDY_IMAGE) == dce-* ]]; then  # switched from local: the registry's names again
+      for setting in CADDY_IMAGE=caddy:2.11.7 PROXY_IMAGE=dce-proxy:latest LIMITS_IMAGE=dce-limits:latest \
+          PROXY_BASE_IMAGE=python:3.11-slim-bookworm LIMITS_BASE_IMAGE=debian:bookworm-slim; do
+        set_env_value "${setting%%=*}" "${setting#*=}"
+      done
+    fi
     # The CPU profile's engine image is always built here (a tiny model made at build time).
     if [[ " ${files[*]} " == *" compose.cpu.yaml "* ]]; then
       cpu_image=$(env_value VLLM_CPU_IMAGE); cpu_image=${cpu_image:-dce-vllm-cpu:0.32.0-tiny}
@@ -118,6 +124,9 @@ case $images in
     set_env_value CADDY_IMAGE dce-caddy:2.11.7
     set_env_value PROXY_IMAGE dce-proxy:local
     set_env_value LIMITS_IMAGE dce-limits:local
+    # A later build by compose itself (an image pruned meanwhile) must not pull its base either.
+    set_env_value PROXY_BASE_IMAGE dce-base:bookworm
+    set_env_value LIMITS_BASE_IMAGE dce-base:bookworm
     build=()
     ;;
   *)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,17 +186,22 @@ def _read_secret(path: str, name: str) -> str:
     return secret
 
 
+_PASSWORD = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _with_password(storage_uri: str, password: str) -> str:
     """The Redis URI with the password of DCE_RATELIMIT_PASSWORD_FILE (a Compose secret) in it."""
     if not password:
         return storage_uri
+    if not _PASSWORD.fullmatch(password):  # Redis reads it from its config file: no quoting needed
+        raise ConfigError("DCE_RATELIMIT_PASSWORD_FILE: the password may hold only letters, digits, - and _")
     parts = urllib.parse.urlsplit(storage_uri)
     if parts.scheme not in ("redis", "rediss"):
         raise ConfigError("DCE_RATELIMIT_PASSWORD_FILE is set, but DCE_RATELIMIT_STORAGE_URI is not a redis:// URI")
     if "@" in parts.netloc:
         raise ConfigError("DCE_RATELIMIT_STORAGE_URI holds a user or password already: "
                           "give the password only in DCE_RATELIMIT_PASSWORD_FILE")
-    netloc = f":{urllib.parse.quote(password, safe='')}@{parts.netloc}"
+    netloc = f":{password}@{parts.netloc}"
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import re
 from typing import Callable, Iterator
 
@@ -25,11 +24,11 @@ EventRewriter = Callable[[dict], bytes]
 ErrorEvent = Callable[[ApiError], bytes]
 
 _EARLY_END = "vLLM ended the stream before it was complete."
-# Enough of a whole answer's end to hold its usage (and the few fields vLLM puts after it).
-_USAGE_TAIL_BYTES = 4096
+# Enough of a whole answer's end to hold its usage and the fields vLLM may put after it (e.g. the
+# prompt's token ids when asked for).
+_USAGE_TAIL_BYTES = 65536
 _USAGE_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
 
-log = logging.getLogger("dce_proxy")
 
 
 def stats() -> dict:
@@ -153,6 +152,9 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
             upstream.forget_models()  # the served model may have changed under us
         return upstream_error_response(answer)
     if rewrite_json is None:
+        # vLLM sends headers only once the whole answer is generated: the GPU is done with it, and
+        # a client reading it slowly must not hold the slot a next request of its key needs.
+        slot.free()
         return _passed_through(answer)
     _, parsed = read_json(answer)
     return json_body_response(rewrite_json(parsed))
@@ -178,7 +180,9 @@ def _passed_through(answer: urllib3.BaseHTTPResponse) -> Response:
 
 def _rest_of(answer: urllib3.BaseHTTPResponse, first: bytes, chunks: Iterator[bytes], counts: dict,
              length: int | None) -> Iterator[bytes]:
-    """The answer's bytes; the usage at its end (vLLM's last fields) goes to `counts`, for the log."""
+    """The answer's bytes; the usage at its end (vLLM's last fields) goes to `counts`, for the log.
+    A cut (UpstreamStreamError) propagates: gunicorn then closes the client's connection at once,
+    where a quiet end would leave the client waiting for the bytes its Content-Length promised."""
     tail, received, whole = b"", 0, False
     try:
         for chunk in itertools.chain([first], chunks):
@@ -192,8 +196,6 @@ def _rest_of(answer: urllib3.BaseHTTPResponse, first: bytes, chunks: Iterator[by
         if length is None:
             whole = True
             _count_usage(tail, counts)
-    except UpstreamStreamError as exc:
-        log.warning("a whole answer was cut while it went out: %s", exc.error.message)
     finally:
         # A connection read to its end goes back to the pool; one cut (or left by the client) does not.
         if whole:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import figures
 import pytest
 
@@ -41,7 +39,7 @@ def session(stack: Stack):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    item.machine_watch, item.machine_watch_started = Watch(), time.time()
+    item.machine_watch = Watch()
     yield
     item.machine_watch.stop()
 
@@ -57,7 +55,7 @@ def pytest_runtest_makereport(item, call):
     proxy_log = ""
     if stack is not None:
         try:
-            proxy_log = stack.container("proxy").logs(since=int(item.machine_watch_started)).decode(errors="replace")
+            proxy_log = stack.container("proxy").logs(since=watch.started_at).decode(errors="replace")
         except Exception as exc:  # a report that cannot read the log still says the rest
             proxy_log = f"(proxy log unreadable: {exc})"
     report.sections.append(("machine during the test", watch.summary(proxy_log)))

@@ -59,6 +59,7 @@ class Watch:
     """Counts from start() to stop(); a thread ticks every 0.1 s and keeps its worst lateness."""
 
     def __init__(self):
+        self.started_at = time.time()  # wall clock, for logs since then
         self._start = _Counters.now()
         self._end: _Counters | None = None
         self.worst_tick_late = 0.0

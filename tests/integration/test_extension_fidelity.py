@@ -132,7 +132,7 @@ def test_a_silent_engine_for_longer_than_the_extensions_timeout_loses_no_tab(sta
         # Mid-batch: the proxy holds every tab's request (a slot each) and one tab streams. Tabs
         # still without a token then wait as they would for a long prefill.
         wait_until(lambda: (stack.live_slot_leases("load2") == BATCH and any(e.is_set() for e in tabs.streaming))
-                   or tabs.ended(), 120, "every tab in the proxy and one streaming", interval=0.1)
+                   or tabs.ended(), 120, "every tab in the proxy and one streaming", interval=0.5)
         assert not tabs.ended(), tabs.ended()
         vllm.pause()
         # The one wait for an amount of time in this suite: a silence longer than the extension

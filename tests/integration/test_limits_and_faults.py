@@ -251,17 +251,24 @@ def test_revoked_key_stays_revoked_and_config_survives_a_whole_stack_restart(sta
 
 def test_a_full_limits_store_drops_old_counters_instead_of_refusing_requests(stack, session):
     # What a flood of distinct client addresses leaves behind (open mode counts per address):
-    # a thousand more lapsing counters of 1 kB than Redis's 64 MB hold.
-    flood = "for i = 1, 66000 do redis.call('SET', 'flood/' .. i, string.rep('x', 1000), 'EX', 600) end"
-    auth = {"REDISCLI_AUTH": stack.limits_password}
+    # lapsing counters of 1 kB, in batches (Redis checks its memory before each command, not inside
+    # a script), until there are far more than its 64 MB hold.
+    flood = ("local first = tonumber(ARGV[1]) for i = first, first + 999 do "
+             "redis.call('SET', 'flood/' .. i, string.rep('x', 1000), 'EX', 600) end")
+    clean = "local first = tonumber(ARGV[1]) for i = first, first + 999 do redis.call('UNLINK', 'flood/' .. i) end"
     limits = stack.container("limits")
+
+    def in_batches(script: str) -> str:
+        batches = 'for first in $(seq 0 1000 99000); do redis-cli EVAL "$0" 0 "$first" || exit 1; done'
+        result = limits.exec_run(["sh", "-c", batches, script], environment={"REDISCLI_AUTH": stack.limits_password})
+        assert result.exit_code == 0, result.output
+        return result.output.decode()
+
     try:
-        filled = limits.exec_run(["redis-cli", "EVAL", flood, "0"], environment=auth)
-        assert b"OOM" not in filled.output, filled.output  # Redis made room by itself
-        info = limits.exec_run(["redis-cli", "INFO", "stats"], environment=auth).output.decode()
-        assert int(re.search(r"evicted_keys:(\d+)", info)[1]) > 0, info
+        assert "OOM" not in in_batches(flood)  # Redis made room by itself
+        info = limits.exec_run(["redis-cli", "INFO", "stats"], environment={"REDISCLI_AUTH": stack.limits_password})
+        assert int(re.search(r"evicted_keys:(\d+)", info.output.decode())[1]) > 0, info.output
         response = session.get(f"{stack.base}/v1/models", headers={"Authorization": f"Bearer {stack.key}"}, timeout=30)
         assert response.status_code == 200, response.text
     finally:
-        limits.exec_run(["redis-cli", "EVAL", flood.replace("redis.call('SET', 'flood/' .. i, string.rep('x', 1000), 'EX', 600)",
-                                                            "redis.call('UNLINK', 'flood/' .. i)"), "0"], environment=auth)
+        in_batches(clean)

@@ -124,18 +124,21 @@ def test_settings_come_from_the_environment_alone(monkeypatch):
 def test_the_limits_password_comes_from_its_secret_file_and_never_shows(tmp_path):
     from dce_proxy.config import load_settings
     password = tmp_path / "limits_password"
-    password.write_text("p/ss+word-0123456789\n")
+    password.write_text("pass_word-0123456789\n")
     settings = load_settings({"DCE_API_KEYS": f"alice:{ALICE_KEY}", "DCE_RATELIMIT_STORAGE_URI": "redis://limits:6379/0",
                               "DCE_RATELIMIT_PASSWORD_FILE": str(password), "VLLM_API_KEY_FILE": str(password)})
-    assert settings.ratelimit_storage_uri == "redis://:p%2Fss%2Bword-0123456789@limits:6379/0"
+    assert settings.ratelimit_storage_uri == "redis://:pass_word-0123456789@limits:6379/0"
     assert "0123456789" not in repr(settings) and ALICE_KEY not in repr(settings)
 
 
-@pytest.mark.parametrize("uri", ["memory://", "redis://:other@limits:6379/0"])
-def test_a_limits_password_needs_a_redis_uri_without_one(tmp_path, uri):
+@pytest.mark.parametrize("uri, secret", [("memory://", "0123456789abcdef0123"),
+                                         ("redis://:other@limits:6379/0", "0123456789abcdef0123"),
+                                         # Redis parses it from its config file: no quotes, no escapes.
+                                         ("redis://limits:6379/0", "0123456789abcdef0123\"quote")])
+def test_a_limits_password_needs_a_redis_uri_without_one_and_plain_characters(tmp_path, uri, secret):
     from dce_proxy.config import load_settings
     password = tmp_path / "limits_password"
-    password.write_text("0123456789abcdef0123\n")
+    password.write_text(secret + "\n")
     with pytest.raises(config_error()) as exc:
         load_settings({"DCE_API_KEYS": f"alice:{ALICE_KEY}", "DCE_RATELIMIT_STORAGE_URI": uri,
                        "DCE_RATELIMIT_PASSWORD_FILE": str(password)})

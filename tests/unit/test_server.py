@@ -216,3 +216,13 @@ def test_gunicorns_own_error_log_never_shows_a_path_key(tmp_path):
                                       "Error handling request %s %s", ("POST", target), None)
         assert all(f.filter(record) for f in error_log.filters)
         assert ALICE_KEY not in record.getMessage() and "/k/REDACTED" in record.getMessage(), record.getMessage()
+
+
+def test_a_whole_answer_cut_by_vllm_reaches_the_client_as_cut_at_once(default_proxy_server, fake_vllm):
+    # Passed through as it comes (issue 12), with vLLM's Content-Length: once vLLM hangs up halfway,
+    # the client's connection must close too, not wait for the promised bytes until a keep-alive
+    # timeout (75 s) ends it. The client's own timeout is far below that.
+    fake_vllm.fault = "truncate"
+    with pytest.raises(requests.exceptions.ChunkedEncodingError, match="IncompleteRead"):
+        requests.post(f"{default_proxy_server.url}/k/{ALICE_KEY}/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": "hi"}]}, timeout=30)

@@ -24,7 +24,8 @@ def checkout(tmp_path):
     stubs.mkdir()
     for path, body in [(tmp_path / "scripts/ensure-docker.sh", "exit 0"),
                        (tmp_path / "scripts/build-images.sh", f'echo "$*" >> {tmp_path}/built'),
-                       (stubs / "docker", f'echo "$*" >> {tmp_path}/docker')]:
+                       (stubs / "docker", f'echo "$*" >> {tmp_path}/docker'),
+                       (stubs / "nvidia-smi", "exit 1")]:  # no GPU, even on a host that has one
         path.write_text(f"#!/bin/sh\n{body}\n")
         path.chmod(0o755)
     return tmp_path
@@ -32,7 +33,7 @@ def checkout(tmp_path):
 
 def _up(checkout: Path, env_lines: str) -> subprocess.CompletedProcess:
     (checkout / ".env").write_text((REPO / ".env.example").read_text() + env_lines)
-    # No nvidia-smi on this PATH: the CPU profile, as on this machine.
+    # The stubs first: the CPU profile (nvidia-smi finds no GPU), docker recording its calls.
     path = f"{checkout / 'bin'}:{os.path.dirname(shutil.which('python3'))}:/usr/bin:/bin"
     return subprocess.run(["bash", "scripts/up.sh"], cwd=checkout, capture_output=True, text=True,
                           env={"PATH": path, "HOME": str(checkout)})

@@ -117,7 +117,8 @@ for i in by_worker[victim]:
     streams[i].on_victim = True
 killed.set()
 os.kill(victim, signal.SIGKILL)
-leases = redis.Redis.from_url("redis://limits:6379/0").eval(LIVE_LEASES, 1, SLOTS_KEY)
+with open("/run/secrets/limits_password") as secret:  # the proxy's own, as compose.scale.yaml gives it
+    leases = redis.Redis(host="limits", password=secret.read().strip()).eval(LIVE_LEASES, 1, SLOTS_KEY)
 for stream in streams:
     stream.join(600)
 print(json.dumps({"workers": by_worker, "victim": victim, "leases_after_kill": leases,
