@@ -1,8 +1,12 @@
 """What Caddy answers by itself: the body cap in the proxy's unit, and its own errors in the proxy's
-JSON shape (issue 12). (A body over the cap is refused while the client still sends it, so a client
-sees a reset before it could read the 413: its JSON shape is Caddy's handle_errors, as the 502's.)"""
+JSON shape (issue 12)."""
 
 from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
 
 import pytest
 
@@ -10,6 +14,7 @@ from unit_helpers import assert_error  # the error-shape check the unit suite us
 from wire import wait_until
 
 CAP_MIB = 50  # DCE_MAX_BODY_MB, the default
+MIB = 1024 * 1024
 
 
 def test_a_body_under_the_cap_in_mib_reaches_the_proxy(stack, session):
@@ -33,3 +38,28 @@ def test_the_proxy_down_is_a_json_502_with_retry_after(stack, session):
     finally:
         proxy.start()
         wait_until(stack.ready, 120, "the proxy to serve again", interval=1)
+
+
+def test_a_body_over_the_cap_is_refused_by_caddy_in_the_proxys_json_shape(stack):
+    # Chunked, so that neither Caddy nor the proxy knows the size up front: Caddy counts what it
+    # reads and refuses past the cap, before the proxy (which only sees what Caddy passed on) can.
+    # The client stops sending just past the cap and reads, as a client whose upload was refused.
+    context = ssl.create_default_context(cafile=stack.ca_file)
+    chunk = b"x" * MIB
+    with socket.create_connection(("localhost", stack.https_port), timeout=60) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost:{stack.https_port}\r\n"
+                    f"Authorization: Bearer {stack.key}\r\nContent-Type: application/json\r\n"
+                    "Transfer-Encoding: chunked\r\n\r\n".encode())
+        try:
+            for _ in range(CAP_MIB + 1):
+                tls.sendall(f"{MIB:x}\r\n".encode() + chunk + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass  # Caddy already answered and closed: its answer is still there to read
+        response = http.client.HTTPResponse(tls)
+        response.begin()
+        assert response.status == 413
+        body = response.read()
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "code"} and error["code"] == "request_too_large", error
+    assert error["message"] == f"The request body is larger than {CAP_MIB}MiB."  # Caddy's, not the proxy's
