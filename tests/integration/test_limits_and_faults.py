@@ -192,6 +192,7 @@ def test_killed_proxy_worker_spares_the_other_workers_streams_and_its_slots_come
         str(_STREAMS_PER_WORKER), str(_EVENTS_AFTER_KILL), "dce-slots/load0")
     assert code == 0, out
     killed = json.loads(out)
+    figures.add("retries", killed["dropped"])  # streams opened again to reach the other worker
     held = {int(pid): streams for pid, streams in killed["workers"].items()}
     assert len(held) == 2, held  # the test stack runs two workers
     # The precondition, checked rather than hoped for: both workers held streams when one was killed.
