@@ -79,8 +79,9 @@ registry_answers() {
 import sys, urllib.error, urllib.request
 try:
     urllib.request.urlopen("https://registry-1.docker.io/v2/", timeout=10)
-except urllib.error.HTTPError:
-    sys.exit(0)  # an HTTP answer (401 without a token) is a registry that answers
+except urllib.error.HTTPError as answer:
+    # Docker Hub answers an anonymous /v2/ with 401; anything else is a proxy or portal in between.
+    sys.exit(0 if answer.code == 401 else 1)
 except OSError:
     sys.exit(1)
 PY

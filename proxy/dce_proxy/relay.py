@@ -30,7 +30,6 @@ _USAGE_TAIL_BYTES = 65536
 _USAGE_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
 
 
-
 def stats() -> dict:
     """Token counts of this request, for the access log (filled in as the answer goes out)."""
     return request.environ.setdefault("dce.stats", {})
