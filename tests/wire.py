@@ -211,13 +211,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01):
-    """Polls `predicate` until it is true and returns its value; AssertionError naming `what` on timeout."""
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.01,
+               state: Callable[[], str] | None = None):
+    """Polls `predicate` until it is true and returns its value; AssertionError naming `what` on
+    timeout, with what `state` says was there instead."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            instead = f"; instead: {state()}" if state is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{instead}")
         time.sleep(interval)

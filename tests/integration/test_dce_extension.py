@@ -11,7 +11,7 @@ import figures
 
 from stack import LONG_STREAM_TOKENS, MAX_MODEL_LEN, TINY_VOCAB
 from wire import HELD_STREAM_READ_PAUSE, extension_body, open_held_tab, wait_until
-from vllm_metrics import VllmMetrics
+from vllm_metrics import RUNNING, WAITING, VllmMetrics, idle
 
 BATCH = 10  # the extension fires this many requests at once
 
@@ -24,7 +24,6 @@ STOP_SECONDS = 10.0
 # On 2 busy cores, vLLM's /metrics can take 2 s to answer: a sample that slow cannot tell when the
 # generation stopped. The test then aborts the next stream, up to this many in all.
 ABORT_ATTEMPTS = 3
-RUNNING = "vllm:num_requests_running"
 
 
 def _stop_verdict(samples, closed_at: float) -> tuple[bool | None, str]:
@@ -74,9 +73,9 @@ def test_aborting_one_stream_stops_its_generation_and_spares_the_others(stack):
         streaming[index].set()  # also a stream that failed: the test then fails on its answer
         return result
 
-    with VllmMetrics(stack, [RUNNING]) as metrics, ThreadPoolExecutor(BATCH) as pool:
+    with VllmMetrics(stack, [RUNNING, WAITING]) as metrics, ThreadPoolExecutor(BATCH) as pool:
         try:
-            metrics.wait_for(lambda sample: sample.values[RUNNING] == 0, 120, "vLLM idle before the batch")
+            metrics.wait_for(idle, 120, "vLLM idle before the batch")
             # One at a time, each once the one before streams: ten requests, TLS handshakes and
             # prefills at once left new connections waiting for 50 s on the loaded 2-core CI
             # machine (two answered 502). What this test needs is ten running, then one aborted.

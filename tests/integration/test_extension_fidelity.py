@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from stack import LONG_STREAM_TOKENS, THINK_END_ID
+from vllm_metrics import RUNNING, WAITING, VllmMetrics, idle
 from wire import SILENCE_LIMIT, extension_body, open_held_tab, post_like_extension, wait_until
 
 BATCH = 10  # the extension fires one request per tab
@@ -125,15 +126,20 @@ def test_a_tab_over_the_cap_waits_for_a_slot_then_completes(stack):
 def test_a_silent_engine_for_longer_than_the_extensions_timeout_loses_no_tab(stack):
     # Streams that cannot end before the test ends them: every tab is still generating, or still
     # waiting for its first token, when vLLM freezes, whatever this machine's speed.
-    tabs = Tabs(stack, f"{stack.base}/k/{stack.load_keys[2]}/api/dce/proxy",
-                _tab_bodies(LONG_STREAM_TOKENS, ignore_eos=True))
     vllm = stack.container("vllm")
-    try:
+    with VllmMetrics(stack, [RUNNING, WAITING]) as metrics:
+        # The engine runs nothing else: the tabs' first tokens wait for nobody.
+        metrics.wait_for(idle, 120, "vLLM idle before the tabs")
+        tabs = Tabs(stack, f"{stack.base}/k/{stack.load_keys[2]}/api/dce/proxy",
+                    _tab_bodies(LONG_STREAM_TOKENS, ignore_eos=True))
         # Mid-batch: the proxy holds every tab's request (a slot each) and one tab streams. Tabs
         # still without a token then wait as they would for a long prefill.
         wait_until(lambda: (stack.live_slot_leases("load2") == BATCH and any(e.is_set() for e in tabs.streaming))
-                   or tabs.ended(), 120, "every tab in the proxy and one streaming", interval=0.5)
-        assert not tabs.ended(), tabs.ended()
+                   or tabs.ended(), 120, "every tab in the proxy and one streaming", interval=0.5,
+                   state=lambda: f"{stack.live_slot_leases('load2')} slots held, vLLM {metrics.samples[-1].values}, "
+                                 f"tabs so far: {tabs.live}")
+    assert not tabs.ended(), tabs.ended()
+    try:
         vllm.pause()
         # The one wait for an amount of time in this suite: a silence longer than the extension
         # tolerates is the condition under test (as a long prefill or a full queue looks from outside).

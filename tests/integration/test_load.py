@@ -11,8 +11,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import figures
+from dce_proxy.slots import LEASE_SECONDS
 
-from wire import extension_body, post_like_extension
+from wire import extension_body, post_like_extension, wait_until
 
 STREAMS = 200
 PROMPTS = 8  # distinct prompts, so a stream that got another's tokens shows
@@ -63,5 +64,10 @@ def test_200_streams_for_a_minute_lose_nothing(stack):
         shown = {"content": result.content, "reasoning": result.reasoning}
         assert shown == expected[prompt], f"a stream of prompt {prompt} differs from vLLM's own text"
         compared += len(result.content.encode()) + len(result.reasoning.encode())
+    # Every slot came back: a lease still renewed now belongs to a stream the proxy lost track of.
+    keys = [f"load{i}" for i in range(len(stack.load_keys))]
+    wait_until(lambda: not any(stack.live_slot_leases(key) for key in keys), LEASE_SECONDS + 15,
+               "every slot of the load to come back", interval=1,
+               state=lambda: {key: stack.live_slot_leases(key) for key in keys})
     figures.add("stream_seconds", STREAMS * held)
     figures.add("bytes_compared", compared)

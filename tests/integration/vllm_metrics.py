@@ -1,7 +1,7 @@
 """The one way the integration tests observe vLLM: its Prometheus metrics, sampled from inside the
 backend network (vLLM publishes no port) by a sampler that proves it works before a test relies on it.
 
-    with VllmMetrics(stack, ["vllm:num_requests_running"]) as metrics:
+    with VllmMetrics(stack, [RUNNING, WAITING]) as metrics:
         ...  # metrics.samples grows live; metrics.wait_for(...) waits for a state
 
 Entering waits for the first sample: if none comes, the test fails saying the observer broke,
@@ -23,6 +23,8 @@ SAMPLER = (Path(__file__).parent / "in_container" / "sample_vllm_metrics.py").re
 FIRST_SAMPLE_SECONDS = 120
 # The sampler stops by itself after this long, should a test die without stopping it.
 MOST_SECONDS = 900
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,11 @@ class Sample:
     sent: float  # wall clock when the request left; vLLM read the values after this...
     received: float  # ...and before this
     values: dict[str, float]
+
+
+def idle(sample: Sample) -> bool:
+    """vLLM neither runs nor queues a request: what a test that counts or times generations starts from."""
+    return sample.values[RUNNING] == 0 and sample.values[WAITING] == 0
 
 
 class VllmMetrics:
