@@ -4,6 +4,7 @@ where thread workers hold only workers x threads and queue the rest."""
 import logging
 import os
 import re
+import shutil
 
 bind = os.environ.get("DCE_PROXY_BIND", "0.0.0.0:8000")
 worker_class = "gevent"
@@ -43,6 +44,34 @@ loglevel = os.environ.get("DCE_LOG_LEVEL", "info")
 wsgi_app = "dce_proxy:create_app()"
 # No runtime control socket: nothing uses it, and the container's root filesystem is read-only.
 control_socket_disable = True
+
+
+# Metrics (dce_proxy/metrics.py): each worker writes its numbers under this directory, set before
+# any worker imports prometheus_client; the master serves their sum on its own port, which Caddy
+# does not route.
+metrics_dir = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", "/tmp/dce-metrics")
+metrics_port = int(os.environ.get("DCE_METRICS_PORT", "9100"))
+
+
+def on_starting(server):
+    # Numbers of a previous run would otherwise be summed in (a restart in place keeps /tmp).
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    os.makedirs(metrics_dir, exist_ok=True)
+
+
+def when_ready(server):
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(metrics_port, addr=bind.rsplit(":", 1)[0], registry=registry)
+
+
+def child_exit(server, worker):
+    # Its counters stay in the sums; its gauges (streams in flight, waiting) leave them.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def post_worker_init(worker):

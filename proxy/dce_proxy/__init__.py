@@ -8,11 +8,13 @@ from typing import Mapping
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from .access_log import init_access_log
+from .access_log import configure_logging, write_access_line
 from .auth import PathKeyMiddleware, authenticate
 from .config import Settings, load_settings
 from .errors import register_error_handlers
 from .limits import init_limits
+from .metrics import observe
+from .record import init_records
 from .routes import dce, health, openai
 from .upstream import Upstream
 
@@ -31,7 +33,8 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     # Caddy is the only hop in front of us: trust exactly one X-Forwarded-For entry, the one it wrote.
     app.wsgi_app = PathKeyMiddleware(ProxyFix(app.wsgi_app, x_for=1, x_proto=0, x_host=0))
     register_error_handlers(app)
-    init_access_log(app)
+    configure_logging()
+    init_records(app, [write_access_line, observe])
     app.before_request(authenticate)  # before the limiter: limits count per authenticated key
     limiter = init_limits(app)
     app.register_blueprint(health.bp)

@@ -1,4 +1,5 @@
-"""One JSON line per request: who, which route, how it ended, how long, how many tokens.
+"""One JSON line per request (its record, record.py): who, which route, how it ended, how long,
+how many tokens.
 
 Never the key, the raw path (it may hold /k/KEY), the prompt or the answer.
 """
@@ -8,15 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
-import time
-import uuid
 
-from flask import Flask, Response, g, request
+from .record import RequestRecord
 
 access_log = logging.getLogger("dce_proxy.access")
-_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class JsonLineFormatter(logging.Formatter):
@@ -43,38 +40,24 @@ def configure_logging() -> None:
     logger.propagate = False
 
 
-def init_access_log(app: Flask) -> None:
-    configure_logging()
-
-    @app.before_request
-    def start_clock():
-        incoming = request.headers.get("X-Request-Id", "")
-        g.request_id = incoming if _CLIENT_REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        g.started = time.perf_counter()
-
-    @app.after_request
-    def log_when_closed(response: Response) -> Response:
-        request_id = g.get("request_id") or uuid.uuid4().hex
-        response.headers["X-Request-Id"] = request_id
-        if request.endpoint in app.config["DCE_PUBLIC_ENDPOINTS"] and response.status_code < 400:
-            return response  # Docker's health probe every 10 s would drown the real traffic
-        entry = {
-            "request_id": request_id,
-            "method": request.method,
-            "route": request.url_rule.rule if request.url_rule else "unmatched",
-            "status": response.status_code,
-            "key_id": g.get("client_id"),
-            "worker": os.getpid(),
-            "stream": response.mimetype == "text/event-stream",
-        }
-        counts = request.environ.setdefault("dce.stats", {})
-        started = g.get("started", time.perf_counter())
-
-        def write():
-            # A stream's line is written when it ends, so latency and counts cover all of it.
-            entry["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
-            entry.update(counts)
-            access_log.info("access", entry)
-
-        response.call_on_close(write)
-        return response
+def write_access_line(record: RequestRecord) -> None:
+    entry = {
+        "request_id": record.request_id,
+        "method": record.method,
+        "route": record.route,
+        "status": record.status,
+        "key_id": record.key,
+        "worker": os.getpid(),
+        "stream": record.stream,
+        "latency_ms": round(record.seconds() * 1000, 2),
+    }
+    if record.ttft_seconds is not None:
+        entry["ttft_ms"] = round(record.ttft_seconds * 1000, 2)
+    if record.outcome is not None:
+        entry["outcome"] = record.outcome
+    if record.prompt_tokens is not None:
+        entry["prompt_tokens"] = record.prompt_tokens
+    if record.completion is not None:
+        entry["completion_tokens"] = record.completion
+        entry["tokens_exact"] = record.tokens_exact
+    access_log.info("access", entry)

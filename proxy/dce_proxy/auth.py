@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hmac
 
-from flask import current_app, g, request
+from flask import current_app, request
 
 from .config import ApiKey
 from .errors import unauthorized
 from .limits import client_address, count_failed_authentication, refuse_after_failed_authentications
+from .record import current_record
 
 PATH_KEY_ENVIRON = "dce.path_key"
 
@@ -69,7 +70,7 @@ def find_key(candidate: str | None, keys: tuple[ApiKey, ...]) -> ApiKey | None:
 
 
 def authenticate() -> None:
-    """before_request: sets g.client_id, the identity limits and logs use."""
+    """before_request: names the caller in the request's record, the identity limits, logs and metrics use."""
     if request.url_rule is None or request.endpoint in current_app.config["DCE_PUBLIC_ENDPOINTS"]:
         return
     settings = current_app.config["DCE_SETTINGS"]
@@ -77,9 +78,9 @@ def authenticate() -> None:
     if key is not None:
         # A valid key always passes: behind one shared address (a NAT), a colleague's stale key
         # must not lock everyone else out.
-        g.client_id = key.key_id
+        current_record().key = key.key_id
     elif settings.open_mode:
-        g.client_id = f"ip:{client_address()}"
+        current_record().key = f"ip:{client_address()}"
     else:
         refuse_after_failed_authentications()
         count_failed_authentication()

@@ -8,21 +8,21 @@ import ipaddress
 import time
 
 import redis
-from flask import Flask, current_app, g, request
+from flask import Flask, current_app, request
 from flask_limiter import Limiter, RateLimitExceeded
 from limits import parse
 
 from .errors import ApiError, limits_store_unavailable, too_many
+from .metrics import QUEUE_WAITING, key_label
+from .record import current_record
 from .slots import Release, Ticket, slot_store
 
-# Where a view's request keeps its generation Slot (see stream.py).
-SLOT = "dce.slot"
 # A finished stream frees its slot at once; this only tells clients when to look again.
 _SLOT_RETRY_AFTER = 2
 
 
 def client_id() -> str:
-    return g.get("client_id", "anonymous")
+    return current_record().key or "anonymous"
 
 
 def client_address() -> str:
@@ -97,10 +97,13 @@ class Slot:
     on /api/dce/proxy, see stream.py). Freed once, by whichever comes first: vLLM's stream ends, the
     response closes (the client went away), or the view failed; a request still in line leaves it."""
 
-    def __init__(self, release: Release | None, ticket: Ticket | None, refusal: ApiError):
+    def __init__(self, release: Release | None, ticket: Ticket | None, refusal: ApiError, client: str):
         self._release = release
         self._ticket = ticket
         self.refusal = refusal  # the 429 of a request that may not wait
+        self._waiting = QUEUE_WAITING.labels(key_label(client))
+        if ticket is not None:
+            self._waiting.inc()
 
     @property
     def held(self) -> bool:
@@ -111,19 +114,17 @@ class Slot:
         release = self._ticket.wait(timeout)
         if release is not None:
             self._ticket, self._release = None, release
+            self._waiting.dec()
         return self.held
 
     def free(self) -> None:
         if self._ticket is not None:
             self._ticket.leave()
             self._ticket = None
+            self._waiting.dec()
         release, self._release = self._release, None
         if release is not None:
             release()
-
-
-def current_slot() -> Slot:
-    return request.environ.get(SLOT)
 
 
 def _take_slot(may_wait: bool) -> Slot:
@@ -134,7 +135,7 @@ def _take_slot(may_wait: bool) -> Slot:
     release = store.acquire(client_id(), cap)
     if release is None and not may_wait:
         raise refusal
-    return Slot(release, None if release is not None else store.join(client_id(), cap), refusal)
+    return Slot(release, None if release is not None else store.join(client_id(), cap), refusal, client_id())
 
 
 def _holding_slot(view, may_wait: bool):
@@ -143,7 +144,7 @@ def _holding_slot(view, may_wait: bool):
         slot = _take_slot(may_wait)
         # The stream frees the slot the moment vLLM's stream ends, before the client gets the last
         # bytes: a client that starts its next generation at once must find the slot free.
-        request.environ[SLOT] = slot
+        current_record().slot = slot
         try:
             response = view(*args, **kwargs)
         except BaseException:

@@ -9,14 +9,16 @@ import re
 from typing import Callable, Iterator
 
 import urllib3
-from flask import Response, current_app, request
+from flask import Response, current_app
 
 from .errors import ApiError, from_upstream, upstream_error_answer, upstream_garbage, upstream_unavailable
-from .limits import current_slot
 from .payload import fit_to_model
+from .record import RequestRecord, current_record
 from .sse import DONE, EventSplitter, event_data
 from .stream import stream_response
 from .upstream import UpstreamStreamError, iter_body, read_all
+from .usage import (USAGE_KEY, ask_for_usage, count_text_events, count_usage_at_end, json_object_of,
+                    keeps_usage_event)
 
 # Per-event rewrite: takes the decoded event, returns the bytes to send (b"" to send nothing).
 EventRewriter = Callable[[dict], bytes]
@@ -27,12 +29,7 @@ _EARLY_END = "vLLM ended the stream before it was complete."
 # Enough of a whole answer's end to hold its usage and the fields vLLM may put after it (e.g. the
 # prompt's token ids when asked for).
 _USAGE_TAIL_BYTES = 65536
-_USAGE_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
-
-
-def stats() -> dict:
-    """Token counts of this request, for the access log (filled in as the answer goes out)."""
-    return request.environ.setdefault("dce.stats", {})
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
 def upstream_error_response(upstream: urllib3.BaseHTTPResponse) -> Response:
@@ -55,7 +52,7 @@ def read_json(upstream: urllib3.BaseHTTPResponse) -> tuple[bytes, dict]:
         raise upstream_garbage("vLLM's answer is not a JSON object.")
     usage = parsed.get("usage")
     if isinstance(usage, dict):
-        stats().update(prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"))
+        current_record().take_usage(usage)
     return body, parsed
 
 
@@ -64,24 +61,44 @@ def json_body_response(body: dict, status: int = 200) -> Response:
 
 
 class Passthrough:
-    """Bytes go out exactly as vLLM sent them, each chunk as soon as it arrives."""
+    """vLLM's events go out byte for byte as it sent them, each as soon as it is complete. Only its
+    usage event is read, and held back from a client that did not ask for it."""
 
     stopped = False  # it never ends a stream on its own
+    at_boundary = True  # it only ever sends whole events
 
-    def __init__(self, error_event: ErrorEvent):
+    def __init__(self, error_event: ErrorEvent, record: RequestRecord, usage_asked: bool):
         self.error_event = error_event
         self.complete = False  # vLLM's [DONE] went out
-        self.at_boundary = True  # between two events: a heartbeat may go out now
-        self._tail = b""
+        self._record = record
+        self._usage_asked = usage_asked
+        self._pending = b""  # the start of an event still to complete
 
     def feed(self, chunk: bytes) -> bytes:
-        self._tail = (self._tail + chunk)[-len(DONE) - 4:]
-        self.complete = self.complete or DONE.strip() in self._tail
-        self.at_boundary = self._tail.endswith((b"\n\n", b"\r\n\r\n"))
-        return chunk
+        data = self._pending + chunk
+        cut = _end_of_last_event(data)
+        ready, self._pending = data[:cut], data[cut:]
+        return self._relayed(ready) if ready else b""
 
     def end(self) -> bytes:
-        return b"" if self.complete else self.error_event(upstream_unavailable(_EARLY_END)) + DONE
+        # vLLM's last event without its blank line still goes out, ended, before anything else.
+        out = self._relayed(self._pending + b"\n\n") if self._pending.strip() else b""
+        self._pending = b""
+        return out if self.complete else out + self.error_event(upstream_unavailable(_EARLY_END)) + DONE
+
+    def _relayed(self, events: bytes) -> bytes:
+        count_text_events(events, self._record)
+        if USAGE_KEY.search(events):
+            events = b"".join(self._usage_read(event) for event in _whole_events(events))
+        self.complete = self.complete or DONE.strip() in events
+        return events
+
+    def _usage_read(self, event: bytes) -> bytes:
+        data = event_data(event)
+        payload = json_object_of(data) if data is not None else None
+        if payload is None or keeps_usage_event(payload, self._record, self._usage_asked):
+            return event
+        return b""
 
 
 class Rewriter:
@@ -89,11 +106,13 @@ class Rewriter:
 
     at_boundary = True  # it only ever sends whole events
 
-    def __init__(self, rewrite: EventRewriter, error_event: ErrorEvent):
+    def __init__(self, rewrite: EventRewriter, error_event: ErrorEvent, record: RequestRecord, usage_asked: bool):
         self.error_event = error_event
         self.complete = False  # vLLM's [DONE] went out
         self.stopped = False  # the stream was ended here, on an error event
         self._rewrite = rewrite
+        self._record = record
+        self._usage_asked = usage_asked
         self._splitter = EventSplitter()
 
     def feed(self, chunk: bytes) -> bytes:
@@ -120,16 +139,16 @@ class Rewriter:
         if data.strip() == b"[DONE]":
             self.complete = True
             return DONE
-        try:
-            payload = json.loads(data)
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):
+        payload = json_object_of(data)
+        if payload is None:
             self.stopped = True
             return self.error_event(upstream_garbage("vLLM sent an event that is not a JSON object.")) + DONE
         if isinstance(payload.get("error"), dict):
             self.stopped = True
             return self.error_event(from_upstream(payload["error"], 502)) + DONE
+        count_text_events(data, self._record)
+        if not keeps_usage_event(payload, self._record, self._usage_asked):
+            return b""
         return self._rewrite(payload)
 
 
@@ -138,9 +157,12 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
     """Sends a checked body to vLLM (model and token budget fitted) and relays the answer."""
     upstream = current_app.extensions["dce_upstream"]
     fit_to_model(body, upstream.models())
-    slot = current_slot()
+    record = current_record()
+    slot = record.slot
     if body.get("stream"):
-        relay = Passthrough(error_event) if rewrite_event is None else Rewriter(rewrite_event, error_event)
+        usage_asked = ask_for_usage(body)
+        relay = (Passthrough(error_event, record, usage_asked) if rewrite_event is None
+                 else Rewriter(rewrite_event, error_event, record, usage_asked))
         return stream_response(upstream, path, json.dumps(body).encode(), relay, slot)
     if not slot.held:
         raise slot.refusal  # only a stream can wait in line: heartbeats keep its client
@@ -173,13 +195,13 @@ def _passed_through(answer: urllib3.BaseHTTPResponse) -> Response:
         answer.close()
         raise upstream_garbage("vLLM's answer is not a JSON object.")
     length = answer.headers.get("Content-Length")
-    return Response(_rest_of(answer, first, chunks, stats(), int(length) if length else None),
+    return Response(_rest_of(answer, first, chunks, current_record(), int(length) if length else None),
                     mimetype="application/json", headers={"Content-Length": length} if length else None)
 
 
-def _rest_of(answer: urllib3.BaseHTTPResponse, first: bytes, chunks: Iterator[bytes], counts: dict,
+def _rest_of(answer: urllib3.BaseHTTPResponse, first: bytes, chunks: Iterator[bytes], record: RequestRecord,
              length: int | None) -> Iterator[bytes]:
-    """The answer's bytes; the usage at its end (vLLM's last fields) goes to `counts`, for the log.
+    """The answer's bytes; the usage at its end (vLLM's last fields) goes to the request's record.
     A cut (UpstreamStreamError) propagates: gunicorn then closes the client's connection at once,
     where a quiet end would leave the client waiting for the bytes its Content-Length promised."""
     tail, received, whole = b"", 0, False
@@ -190,11 +212,11 @@ def _rest_of(answer: urllib3.BaseHTTPResponse, first: bytes, chunks: Iterator[by
             # Counted before the last bytes go out: a client may stop reading once it has them all.
             whole = received == length
             if whole:
-                _count_usage(tail, counts)
+                count_usage_at_end(tail, record)
             yield chunk
         if length is None:
             whole = True
-            _count_usage(tail, counts)
+            count_usage_at_end(tail, record)
     finally:
         # A connection read to its end goes back to the pool; one cut (or left by the client) does not.
         if whole:
@@ -203,8 +225,17 @@ def _rest_of(answer: urllib3.BaseHTTPResponse, first: bytes, chunks: Iterator[by
             answer.close()
 
 
-def _count_usage(tail: bytes, counts: dict) -> None:
-    # The last "usage": key is vLLM's own: a quote inside a JSON string is escaped.
-    _, found, usage = tail.rpartition(b'"usage":')
-    if found:
-        counts.update((name.decode(), int(value)) for name, value in _USAGE_COUNT.findall(usage))
+
+
+def _end_of_last_event(data: bytes) -> int:
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def _whole_events(events: bytes) -> list[bytes]:
+    """Whole events cut apart, each with its own blank line."""
+    cut, start = [], 0
+    for end in _EVENT_END.finditer(events):
+        cut.append(events[start:end.end()])
+        start = end.end()
+    return cut

@@ -20,7 +20,9 @@ from flask import Response, current_app, request
 
 from .errors import ApiError, limits_store_unavailable, too_many, upstream_error, upstream_error_answer
 from .limits import Slot
+from .metrics import STREAMS_IN_FLIGHT, key_label
 from .pump import ENDED, OPENED, Failed, Pump, Refused
+from .record import CLIENT_GONE, DONE as ENDED_BY_DONE, TIMEOUT, UPSTREAM_ERROR, RequestRecord, current_record
 from .sse import DONE, HEARTBEAT
 from .upstream import Upstream
 
@@ -40,14 +42,13 @@ class Relay(Protocol):
 
 
 def stream_response(upstream: Upstream, path: str, body: bytes, relay: Relay, slot: Slot) -> Response:
-    stream = _Stream(upstream, path, body, relay, slot, _client_gone_probe(request.environ))
+    stream = _Stream(upstream, path, body, relay, slot, _client_gone_probe(request.environ), current_record())
     if slot.held:
         stream.start()
         early = stream.early_answer()
         if early is not None:
             return early
-    response = Response(_freeing_slot_at_done(stream.body(), slot.free), mimetype="text/event-stream",
-                        headers=_STREAM_HEADERS)
+    response = Response(stream.body(), mimetype="text/event-stream", headers=_STREAM_HEADERS)
     # Closing the upstream socket is what makes vLLM abort the generation and free the GPU.
     response.call_on_close(stream.close)
     return response
@@ -72,10 +73,12 @@ def _client_gone_probe(environ: dict) -> Callable[[], bool]:
 
 class _Stream:
     def __init__(self, upstream: Upstream, path: str, body: bytes, relay: Relay, slot: Slot,
-                 client_gone: Callable[[], bool]):
+                 client_gone: Callable[[], bool], record: RequestRecord):
         settings = current_app.config["DCE_SETTINGS"]
         self._upstream, self._path, self._body = upstream, path, body
         self._relay, self._slot, self._client_gone = relay, slot, client_gone
+        self._record = record
+        self._in_flight = STREAMS_IN_FLIGHT.labels(key_label(record.key))
         self._interval = settings.heartbeat_seconds
         self._queue_timeout = settings.queue_timeout
         self._cap = settings.max_concurrent
@@ -85,10 +88,18 @@ class _Stream:
 
     def start(self) -> None:
         self._pump = Pump(self._upstream, self._path, self._body)
+        self._in_flight.inc()
 
     def close(self) -> None:
+        """The response closed: a stream that had not ended was left by its client."""
+        self._record.end_stream(CLIENT_GONE)
+        self._stop_pump()
+
+    def _stop_pump(self) -> None:
         if self._pump is not None:
             self._pump.close()
+            self._in_flight.dec()
+            self._pump = None
 
     def early_answer(self) -> Response | None:
         """vLLM's answer when it came within one heartbeat interval and is not a stream (its error
@@ -98,11 +109,11 @@ class _Stream:
         except queue.Empty:
             return None  # vLLM is slow: the body starts with a heartbeat and waits on
         if isinstance(self._first, Refused):
-            self.close()
+            self._stop_pump()
             self._forget_models_on_404(self._first.status)
             return upstream_error_answer(self._first.status, self._first.body)
         if isinstance(self._first, Failed):
-            self.close()
+            self._stop_pump()
             raise self._first.error
         return None
 
@@ -123,16 +134,31 @@ class _Stream:
                 continue
             if isinstance(item, bytes):
                 out = self._relay.feed(item)
+                if self._relay.stopped or self._relay.complete:
+                    self._ended(ENDED_BY_DONE if self._relay.complete else UPSTREAM_ERROR)
+                    yield out
+                    return  # nothing may follow DONE, not even a heartbeat while vLLM closes
                 if out:
                     yield out
-                if self._relay.stopped or self._relay.complete:
-                    return  # nothing may follow DONE, not even a heartbeat while vLLM closes
                 continue
             if item is ENDED:
-                yield self._relay.end()
+                last = self._relay.end()
+                self._ended(ENDED_BY_DONE if self._relay.complete else UPSTREAM_ERROR)
+                yield last
             else:
-                yield self._relay.error_event(self._error_of(item)) + DONE
+                yield self._failed(self._error_of(item))
             return
+
+    def _ended(self, outcome: str) -> None:
+        """The stream's last bytes are about to go: its slot is freed first, so that a client that
+        starts its next generation as soon as it has them finds the slot free."""
+        self._record.end_stream(outcome)
+        self._slot.free()
+
+    def _failed(self, error: ApiError) -> bytes:
+        timed_out = error.code in ("upstream_timeout", "queue_timeout")
+        self._ended(TIMEOUT if timed_out else UPSTREAM_ERROR)
+        return self._relay.error_event(error) + DONE
 
     def _next_item(self):
         if self._first is not None:
@@ -156,15 +182,15 @@ class _Stream:
                 if self._slot.wait(max(min(_POLL_SECONDS, self._next_beat - now, deadline - now), 0.0)):
                     return True
             except redis.RedisError:  # the slots of several workers live in Redis
-                yield self._relay.error_event(limits_store_unavailable()) + DONE
+                yield self._failed(limits_store_unavailable())
                 return False
             if self._client_gone():
                 return False  # closing the response takes this request out of the line
             now = time.monotonic()
             if now >= deadline:
-                error = too_many(f"No generation slot came free for this key within {self._queue_timeout:g} s "
-                                 f"(limit {self._cap} at once). Try again later.", "queue_timeout", 1)
-                yield self._relay.error_event(error) + DONE
+                yield self._failed(too_many(f"No generation slot came free for this key within "
+                                            f"{self._queue_timeout:g} s (limit {self._cap} at once). "
+                                            "Try again later.", "queue_timeout", 1))
                 return False
             if now >= self._next_beat:
                 yield HEARTBEAT
@@ -179,13 +205,3 @@ class _Stream:
         if status == 404:
             self._upstream.forget_models()  # the served model may have changed under us
 
-
-def _freeing_slot_at_done(body: Iterator[bytes], free: Callable[[], None]) -> Iterator[bytes]:
-    """Frees the request's generation slot as the final DONE goes out, before the client has it:
-    a client that starts its next generation at once finds it free."""
-    tail = b""
-    for piece in body:
-        tail = (tail + piece)[-len(DONE) - 4:]
-        if DONE.strip() in tail:
-            free()
-        yield piece

@@ -127,7 +127,7 @@ def client(make_app):
 
 # -- the real server (gunicorn + gevent), as deployed -----------------------------
 class ProxyServer:
-    def __init__(self, env: dict[str, str], log_dir: Path):
+    def __init__(self, env: dict[str, str], log_dir: Path, gunicorn_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stderr_path = log_dir / f"proxy-{self.port}.stderr"
@@ -135,13 +135,16 @@ class ProxyServer:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DCE_", "VLLM_"))}
         full_env.update(env)
         full_env["DCE_PROXY_BIND"] = f"127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+        full_env["DCE_METRICS_PORT"] = self.metrics_url.rsplit(":", 1)[1].split("/")[0]
+        full_env["PROMETHEUS_MULTIPROC_DIR"] = str(log_dir / f"metrics-{self.port}")
         full_env["PYTHONPATH"] = str(PROXY_DIR)
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.setdefault("DCE_PROXY_GRACEFUL_TIMEOUT", "1")  # teardown must not wait for streams
         self._stderr = open(self.stderr_path, "wb")
         self._stdout = open(self.stdout_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "dce_proxy:create_app()"],
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *gunicorn_args, "dce_proxy:create_app()"],
             cwd=PROXY_DIR, env=full_env, stdout=self._stdout, stderr=self._stderr)
         self._wait_ready()
 
@@ -178,11 +181,11 @@ class ProxyServer:
 @pytest.fixture
 def proxy_server(fake_vllm, tmp_path):
     """proxy_server(**env) -> a running gunicorn (proxy/gunicorn.conf.py) in
-    front of the fake vLLM; stopped at teardown."""
+    front of the fake vLLM; stopped at teardown. gunicorn_args=(...) adds to its command line."""
     started: list[ProxyServer] = []
 
-    def _start(**overrides):
-        server = ProxyServer(app_env(fake_vllm, overrides), tmp_path)
+    def _start(gunicorn_args: tuple[str, ...] = (), **overrides):
+        server = ProxyServer(app_env(fake_vllm, overrides), tmp_path, gunicorn_args)
         started.append(server)
         return server
 

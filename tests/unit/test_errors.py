@@ -2,13 +2,12 @@
 faults (502 / 503 / 504, mid-stream error events, vLLM errors passed through)."""
 
 import json
-import logging
 import socket
 
 import pytest
 
 from dce_proxy.upstream import UpstreamStreamError
-from unit_helpers import ALICE_KEY, DCE_EXTENSION_BODY, assert_error, bearer, closed_port_url
+from unit_helpers import ALICE_KEY, DCE_EXTENSION_BODY, access_lines, assert_error, bearer, closed_port_url
 from wire import read_extension_body, sse_events
 
 AUTH = bearer(ALICE_KEY)
@@ -137,15 +136,9 @@ def test_truncated_body_is_502_or_503_or_visibly_cut(client, fake_vllm, route, b
 
 @pytest.mark.parametrize("route", PASSED_THROUGH)
 def test_a_whole_answer_passes_through_byte_for_byte_and_its_usage_is_logged(make_app, fake_vllm, route):
-    lines = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.args)
-    logging.getLogger("dce_proxy.access").addHandler(handler)
-    try:
+    with access_lines() as lines:
         r = make_app().test_client().post(route, json=dict(GENERATION)[route], headers=AUTH)
         r.close()  # the access line is written when the response closes
-    finally:
-        logging.getLogger("dce_proxy.access").removeHandler(handler)
     (sent,) = [rec.response_body for rec in fake_vllm.requests if rec.path == route]  # what vLLM answered
     assert r.status_code == 200 and r.data == sent
     usage = json.loads(sent)["usage"]

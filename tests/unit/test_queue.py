@@ -9,32 +9,10 @@ import pytest
 import requests
 
 from dce_proxy.slots import LocalSlots
-from unit_helpers import ALICE_KEY, BOB_KEY, assert_error, bearer, raw_http
-from wire import ExtensionResult, extension_body, post_like_extension, wait_until
+from unit_helpers import ALICE_KEY, BOB_KEY, Tab, assert_error, bearer, raw_http
+from wire import extension_body, wait_until
 
 BEAT = b": keep-alive\n\n"
-
-
-class Tab:
-    """One extension tab in a thread of its own; `progress` is its reading so far."""
-
-    def __init__(self, url: str, prompt: str):
-        self.prompt = prompt
-        self.progress = ExtensionResult()
-        self.result: ExtensionResult | None = None
-        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
-        self._thread.start()
-
-    def _run(self, url):
-        def seen(progress):
-            self.progress = progress
-
-        self.result = post_like_extension(requests.Session(), url, extension_body(self.prompt), on_chunk=seen)
-
-    def join(self) -> ExtensionResult:
-        self._thread.join(15)
-        assert self.result is not None, f"tab {self.prompt} did not end"
-        return self.result
 
 
 def prompts_sent(fake):

@@ -3,7 +3,7 @@ know either name see the thoughts; /v1/chat/completions leaves bytes alone."""
 
 import pytest
 
-from unit_helpers import ALICE_KEY, DCE_EXTENSION_BODY, bearer, sse_json
+from unit_helpers import ALICE_KEY, DCE_EXTENSION_BODY, bearer, sse_json, without_usage_event
 from wire import read_extension_body
 
 AUTH = bearer(ALICE_KEY)
@@ -53,6 +53,6 @@ def test_non_stream_reasoning_is_mirrored_on_dce_proxy(client, thinking_fake):
 def test_chat_completions_stream_bytes_are_not_touched(client, thinking_fake):
     r = client.post("/v1/chat/completions", json={**DCE_EXTENSION_BODY, "model": "tiny"}, headers=AUTH)
     assert r.status_code == 200
-    assert r.get_data() == bytes(thinking_fake.generation_requests[-1].response_body)
+    assert r.get_data() == without_usage_event(bytes(thinking_fake.generation_requests[-1].response_body))
     other = "reasoning_content" if thinking_fake.reasoning_field == "reasoning" else "reasoning"
     assert f'"{other}"'.encode() not in r.get_data()

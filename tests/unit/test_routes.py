@@ -5,7 +5,8 @@ import json
 import pytest
 
 from fake_vllm import models_body
-from unit_helpers import ALICE_KEY, DCE_EXTENSION_BODY, basic, bearer, closed_port_url, sse_json
+from unit_helpers import (ALICE_KEY, DCE_EXTENSION_BODY, basic, bearer, closed_port_url, sse_json,
+                          without_usage_event)
 from wire import read_extension_body
 
 AUTH = bearer(ALICE_KEY)
@@ -56,15 +57,22 @@ def test_openai_routes_non_stream_body_untouched(client, fake_vllm, route, body)
     ("/v1/chat/completions", CHAT),
     ("/v1/completions", {"model": "local-model", "prompt": "hi"}),
 ])
-def test_openai_routes_stream_bytes_untouched(client, fake_vllm, route, body):
+@pytest.mark.parametrize("usage_asked", [False, True])
+def test_openai_routes_stream_bytes_untouched(client, fake_vllm, route, body, usage_asked):
     fake_vllm.n_chunks = 5
-    r = client.post(route, json={**body, "stream": True, "n": 2}, headers=AUTH)
+    options = {"stream_options": {"include_usage": True}} if usage_asked else {}
+    r = client.post(route, json={**body, "stream": True, "n": 2, **options}, headers=AUTH)
     assert r.status_code == 200
     assert r.mimetype == "text/event-stream"
-    assert r.get_data() == bytes(fake_vllm.generation_requests[-1].response_body)
+    received = r.get_data()  # the whole stream: vLLM has sent all of it
+    sent = bytes(fake_vllm.generation_requests[-1].response_body)
+    # Every stream asks vLLM for its usage; only a client that asked too gets that event.
+    assert fake_vllm.last_body["stream_options"]["include_usage"] is True
+    assert received == (sent if usage_asked else without_usage_event(sent))
     events = sse_json(r.get_data())
     # vLLM 0.32: a role chunk per chat choice, then the content chunks, the last one with finish_reason.
-    assert len(events) == 2 * (5 + (1 if route.endswith("chat/completions") else 0))
+    assert len(events) == 2 * (5 + (1 if route.endswith("chat/completions") else 0)) + usage_asked
+    assert ("usage" in events[-1]) == usage_asked
 
 
 @pytest.mark.parametrize("auth", ["path", "basic"])

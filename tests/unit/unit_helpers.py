@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import socket
+import threading
 import time
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
-from wire import extension_body, free_port, sse_events
+import requests
+
+from wire import ExtensionResult, extension_body, free_port, post_like_extension, sse_events
 
 ALICE_KEY = "test-key-aaaaaaaaaaaaaaaa"
 BOB_KEY = "test-key-bbbbbbbbbbbbbbbb"
@@ -33,6 +38,20 @@ def sse_json(raw: bytes | str) -> list[dict[str, Any]]:
     assert data and data[-1] == "[DONE]", f"stream does not end with [DONE]: {data[-3:]}"
     assert data.count("[DONE]") == 1, "more than one [DONE]"
     return [json.loads(d) for d in data[:-1]]
+
+
+def without_usage_event(raw: bytes) -> bytes:
+    """vLLM's stream as a client that did not ask for usage receives it: the proxy asked vLLM for
+    its usage event (no choices, a usage object) and keeps it from the client; all else is as sent."""
+    def is_usage(event: bytes) -> bool:
+        data = event.removeprefix(b"data: ")
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return False
+        return isinstance(payload, dict) and "usage" in payload and not payload.get("choices")
+
+    return b"".join(event + b"\n\n" for event in raw.split(b"\n\n")[:-1] if not is_usage(event))
 
 
 def assert_error(resp, status: int, type_: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -96,3 +115,38 @@ def read_events_then_hang_up(sock: socket.socket, count: int) -> bytes:
     finally:
         sock.close()
     return buf
+
+
+class Tab:
+    """One extension tab in a thread of its own; `progress` is its reading so far."""
+
+    def __init__(self, url: str, prompt: str):
+        self.prompt = prompt
+        self.progress = ExtensionResult()
+        self.result: ExtensionResult | None = None
+        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+        self._thread.start()
+
+    def _run(self, url):
+        def seen(progress):
+            self.progress = progress
+
+        self.result = post_like_extension(requests.Session(), url, extension_body(self.prompt), on_chunk=seen)
+
+    def join(self) -> ExtensionResult:
+        self._thread.join(15)
+        assert self.result is not None, f"tab {self.prompt} did not end"
+        return self.result
+
+
+@contextmanager
+def access_lines() -> Iterator[list[dict]]:
+    """The access log's entries written meanwhile (each is written when its response closes)."""
+    lines: list[dict] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.args)
+    logging.getLogger("dce_proxy.access").addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logging.getLogger("dce_proxy.access").removeHandler(handler)

@@ -8,7 +8,7 @@ from ..chunks import choices, error_chunks, for_extension, mirror_reasoning
 from ..errors import ApiError, upstream_garbage
 from ..limits import holds_generation_slot, waits_for_generation_slot
 from ..payload import (boolean, check_messages, integer, json_object, number, stop_sequences, string)
-from ..relay import forward, stats
+from ..relay import forward
 from ..sse import data_event
 
 bp = Blueprint("dce", __name__, url_prefix="/api/dce")
@@ -27,11 +27,8 @@ def extension_error_event(error: ApiError) -> bytes:
 def extension_proxy():
     body = json_object()
     check_messages(body)
-    counts = stats()
-    counts["completion_tokens"] = 0
 
     def rewrite_event(payload: dict) -> bytes:
-        counts["completion_tokens"] += len(choices(payload))
         return b"".join(data_event(chunk) for chunk in for_extension(payload))
 
     def rewrite_json(payload: dict) -> dict:
@@ -83,8 +80,6 @@ def _choice_text(choice: dict) -> str | None:
 @holds_generation_slot
 def generate():
     path, upstream_body = _upstream_body(json_object())
-    counts = stats()
-    counts["completion_tokens"] = 0
 
     def rewrite_event(payload: dict) -> bytes:
         out = b""
@@ -92,7 +87,6 @@ def generate():
             index = choice.get("index", 0)
             text = _choice_text(choice)
             if text:
-                counts["completion_tokens"] += 1
                 out += data_event({"type": "delta", "index": index, "text": text})
             if choice.get("finish_reason") is not None:
                 out += data_event({"type": "finish", "index": index, "finish_reason": choice["finish_reason"]})
