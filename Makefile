@@ -11,7 +11,7 @@ PIP_TOOLS := pip-tools==7.6.2
 PYTEST := $(VENV)/bin/python -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help up down logs ps restart-proxy images lock test test-unit test-integration bench
+.PHONY: help up down logs ps restart-proxy metrics usage images lock test test-unit test-integration bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -30,6 +30,14 @@ ps: ## Show the services and their health
 
 restart-proxy: ## Re-read API keys and settings (restarts the proxy only)
 	docker compose restart proxy
+
+# The proxy's metrics port is not published: read it from inside its container.
+metrics: ## Print the proxy's Prometheus metrics (per key, route and outcome)
+	docker compose exec -T proxy python3 -c \
+	  "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9100/metrics').read().decode(), end='')"
+
+usage: ## Requests, errors and tokens per key since the proxy started
+	docker compose exec -T proxy python3 -m dce_proxy.usage_table
 
 images: ## Build every image locally, without a registry
 	scripts/build-images.sh

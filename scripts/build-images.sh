@@ -4,7 +4,7 @@
 # for the base) makes a rerun with unchanged inputs take seconds. After the
 # base, the images build at the same time: vLLM's mostly waits on downloads
 # and disk, so the small ones cost no extra time (about 50 s saved when cold).
-# Usage: scripts/build-images.sh [base] [caddy] [proxy] [limits] [vllm]   (default: all)
+# Usage: scripts/build-images.sh [base] [caddy] [proxy] [limits] [prometheus] [vllm]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,10 +13,11 @@ CADDY=dce-caddy:2.11.7
 PROXY=dce-proxy:local
 VLLM=dce-vllm-cpu:0.32.0-tiny
 LIMITS=dce-limits:local
+PROMETHEUS=dce-prometheus:local
 
-wanted=" ${*:-base caddy proxy limits vllm} "
+wanted=" ${*:-base caddy proxy limits prometheus vllm} "
 for name in $wanted; do
-  [[ " base caddy proxy limits vllm " == *" $name "* ]] || { echo "unknown image: $name (base|caddy|proxy|limits|vllm)" >&2; exit 2; }
+  [[ " base caddy proxy limits prometheus vllm " == *" $name "* ]] || { echo "unknown image: $name (base|caddy|proxy|limits|prometheus|vllm)" >&2; exit 2; }
 done
 
 scripts/ensure-docker.sh >/dev/null
@@ -65,6 +66,10 @@ fi
 
 if [[ $wanted == *" limits "* ]]; then
   in_background build "$LIMITS" limits/
+fi
+
+if [[ $wanted == *" prometheus "* ]]; then
+  in_background build "$PROMETHEUS" monitoring/
 fi
 
 if [[ $wanted == *" vllm "* ]]; then

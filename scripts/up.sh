@@ -69,6 +69,10 @@ if (( workers > 1 )); then
   files+=(compose.scale.yaml)
   say "$workers proxy workers: their limits are shared through Redis (compose.scale.yaml)"
 fi
+if [[ $(env_value DCE_MONITORING) == true ]]; then
+  files+=(compose.monitoring.yaml)
+  say "monitoring: Prometheus on http://127.0.0.1:$(port=$(env_value PROMETHEUS_PORT); echo "${port:-9090}") (compose.monitoring.yaml)"
+fi
 
 # Where the images come from, chosen once and kept in .env (DCE_IMAGES): `registry` pulls Caddy and
 # vLLM and builds the proxy and Redis images here; `local` builds every image here from Debian and
@@ -104,7 +108,8 @@ case $images in
     build=(--build)
     if [[ $(env_value CADDY_IMAGE) == dce-* ]]; then  # switched from local: the registry's names again
       for setting in CADDY_IMAGE=caddy:2.11.7 PROXY_IMAGE=dce-proxy:latest LIMITS_IMAGE=dce-limits:latest \
-          PROXY_BASE_IMAGE=python:3.11-slim-bookworm LIMITS_BASE_IMAGE=debian:bookworm-slim; do
+          PROMETHEUS_IMAGE=prom/prometheus:v3.5.0 PROXY_BASE_IMAGE=python:3.11-slim-bookworm \
+          LIMITS_BASE_IMAGE=debian:bookworm-slim PROMETHEUS_BASE_IMAGE=debian:bookworm-slim; do
         set_env_value "${setting%%=*}" "${setting#*=}"
       done
     fi
@@ -119,15 +124,18 @@ case $images in
     needed=(caddy proxy)
     [[ " ${files[*]} " != *" compose.scale.yaml "* ]] || needed+=(limits)
     [[ " ${files[*]} " != *" compose.cpu.yaml "* ]] || needed+=(vllm)
+    [[ " ${files[*]} " != *" compose.monitoring.yaml "* ]] || needed+=(prometheus)
     say "DCE_IMAGES=local: bringing ${needed[*]} up to date (scripts/build-images.sh)"
     scripts/build-images.sh "${needed[@]}"
     # In .env, where a plain `docker compose up -d` later finds them too.
     set_env_value CADDY_IMAGE dce-caddy:2.11.7
     set_env_value PROXY_IMAGE dce-proxy:local
     set_env_value LIMITS_IMAGE dce-limits:local
+    set_env_value PROMETHEUS_IMAGE dce-prometheus:local
     # A later build by compose itself (an image pruned meanwhile) must not pull its base either.
     set_env_value PROXY_BASE_IMAGE dce-base:bookworm
     set_env_value LIMITS_BASE_IMAGE dce-base:bookworm
+    set_env_value PROMETHEUS_BASE_IMAGE dce-base:bookworm
     build=()
     ;;
   *)

@@ -24,7 +24,8 @@ PROJECT = "dce-test"
 # Two proxy workers sharing their limits in Redis (compose.scale.yaml): limits must hold across
 # workers, and a killed worker must not take the other's streams down. One worker, the default, is
 # what the unit suite runs under gunicorn.
-COMPOSE_FILES = ["compose.yaml", "compose.cpu.yaml", "compose.scale.yaml", "compose.test.yaml"]
+COMPOSE_FILES = ["compose.yaml", "compose.cpu.yaml", "compose.scale.yaml", "compose.monitoring.yaml",
+                 "compose.test.yaml", "tests/integration/compose.monitoring.test.yaml"]
 CADDY_ROOT_CA = "/data/caddy/pki/authorities/local/root.crt"
 DIRECT_REFERENCE = (Path(__file__).parent / "direct_reference.py").read_text()
 # The test stack's context (the tiny model has positions for it): a stream with ignore_eos and this
@@ -37,6 +38,7 @@ TINY_VOCAB = 2050
 THINK_END_ID = 2049
 # Runs in the limits container: leases of one client's slots that have not lapsed.
 _LIVE_LEASES = "return redis.call('ZCOUNT', KEYS[1], redis.call('TIME')[1], '+inf')"
+_READ_METRICS = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9100/metrics').read().decode())"
 
 
 @dataclass
@@ -94,6 +96,17 @@ class Stack:
         assert result.exit_code == 0, result.output
         return int(result.output)
 
+    def proxy_metrics(self) -> str:
+        """The proxy's Prometheus metrics, from its own container (the port is not published)."""
+        exit_code, output = self.exec_python("proxy", _READ_METRICS)
+        assert exit_code == 0, output
+        return output
+
+    def prometheus_url(self) -> str:
+        """The monitoring profile's Prometheus, on its loopback port."""
+        port = self.compose.get_container("prometheus").get_publisher(by_port=9090, by_host="127.0.0.1").PublishedPort
+        return f"http://127.0.0.1:{port}"
+
     def exec_python(self, service: str, code: str, *args: str) -> tuple[int, str]:
         """Runs Python inside a service's container (on its networks, not the host's)."""
         result = self.container(service).exec_run(["python3", "-c", code, *args])
@@ -119,6 +132,7 @@ def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Pat
         "PROXY_IMAGE=dce-proxy:local",
         "VLLM_CPU_IMAGE=dce-vllm-cpu:0.32.0-tiny",
         "LIMITS_IMAGE=dce-limits:local",
+        "PROMETHEUS_IMAGE=dce-prometheus:local",
         "DCE_PROXY_WORKERS=2",
         f"VLLM_CPU_MAX_MODEL_LEN={MAX_MODEL_LEN}",
         f"DCE_API_KEYS_SECRET={keys}",

@@ -67,10 +67,22 @@ def test_the_limits_store_is_built_here_and_wants_the_proxys_password():
     assert "requirepass $$(cat /run/secrets/limits_password)" in limits["command"][0]
 
 
+def test_the_monitoring_profile_answers_on_this_host_only_and_keeps_its_data():
+    services = _config("compose.yaml", "compose.monitoring.yaml")["services"]
+    prometheus = services["prometheus"]
+    assert [(port["host_ip"], port["published"]) for port in prometheus["ports"]] == [("127.0.0.1", "9090")]
+    assert prometheus["image"] == "prom/prometheus:v3.5.0" and prometheus["mem_limit"] and prometheus["pids_limit"]
+    assert "--storage.tsdb.retention.time=30d" in prometheus["command"]
+    assert {volume["source"] for volume in prometheus["volumes"] if volume["type"] == "volume"} == {"prometheus_data"}
+    assert "backend" in prometheus["networks"]  # where the proxy's and vLLM's metrics are
+    assert {name for name, service in services.items() if service.get("ports")} == {"caddy", "prometheus"}
+
+
 # Read by the proxy but set by the compose files' own wiring (or, DCE_API_KEYS, meant for other
 # deployments: keys come from a secret file here), not settings an operator chooses in .env.
 _WIRED = {"VLLM_URL", "VLLM_API_KEY_FILE", "DCE_API_KEYS", "DCE_API_KEYS_FILE", "DCE_PROXY_BIND",
-          "DCE_RATELIMIT_STORAGE_URI", "DCE_RATELIMIT_PASSWORD_FILE"}
+          "DCE_RATELIMIT_STORAGE_URI", "DCE_RATELIMIT_PASSWORD_FILE",
+          "DCE_METRICS_PORT"}  # its default, 9100, is what monitoring/prometheus.yml scrapes
 
 
 def test_every_setting_the_proxy_reads_is_in_env_example_and_reaches_the_proxy():

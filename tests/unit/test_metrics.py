@@ -12,6 +12,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from dce_proxy.usage_table import format_table, usage_by_key
+
 from unit_helpers import (ALICE_KEY, DCE_EXTENSION_BODY, Tab, access_lines, bearer, raw_http,
                           read_events_then_hang_up, sse_json)
 from wire import extension_body, post_like_extension, wait_until
@@ -103,7 +105,16 @@ def test_each_way_a_stream_ends_is_counted_with_its_tokens(proxy_server, fake_vl
     # Three streams had a first token; all four took time.
     assert value(samples, "dce_proxy_time_to_first_token_seconds_count", key="alice", route=PROXY) == 3
     assert value(samples, "dce_proxy_request_duration_seconds_count", key="alice", route=PROXY) == 4
-    assert ALICE_KEY not in requests.get(server.metrics_url, timeout=5).text  # key names, never keys
+    text = requests.get(server.metrics_url, timeout=5).text
+    assert ALICE_KEY not in text  # key names, never keys
+    # `make usage`: the two streams that ended on an error are the key's errors, as is the 401 of none.
+    usage = usage_by_key(text)
+    assert usage == {"alice": {"requests": 4, "errors": 2, "prompt tokens": 7, "completion tokens": 5},
+                     "none": {"requests": 1, "errors": 1, "prompt tokens": 0, "completion tokens": 0}}
+    assert format_table(usage).splitlines() == [
+        "key    requests  errors  prompt tokens  completion tokens",
+        "alice         4       2              7                  5",
+        "none          1       1              0                  0"]
 
 
 def test_streams_in_flight_and_waiting_in_line_are_gauges(proxy_server, fake_vllm):

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture()
 def checkout(tmp_path):
     """A copy of what up.sh reads, with docker, ensure-docker.sh and build-images.sh recording calls."""
-    for name in (".env.example", "compose.yaml", "compose.cpu.yaml", "compose.scale.yaml"):
+    for name in (".env.example", "compose.yaml", "compose.cpu.yaml", "compose.scale.yaml", "compose.monitoring.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
     (tmp_path / "scripts").mkdir()
     shutil.copy(REPO / "scripts/up.sh", tmp_path / "scripts/up.sh")
@@ -56,6 +56,15 @@ def test_several_workers_add_the_redis_image(checkout):
     result = _up(checkout, "DCE_IMAGES=local\nDCE_PROXY_WORKERS=2\n")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (checkout / "built").read_text() == "caddy proxy limits vllm\n"
+
+
+def test_monitoring_adds_prometheus_to_the_compose_files_and_to_the_local_images(checkout):
+    result = _up(checkout, "DCE_IMAGES=local\nDCE_MONITORING=true\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (checkout / "built").read_text() == "caddy proxy vllm prometheus\n"
+    assert _env(checkout, "COMPOSE_FILE")[-1] == "compose.yaml:compose.cpu.yaml:compose.monitoring.yaml"
+    assert _env(checkout, "PROMETHEUS_IMAGE")[-1] == "dce-prometheus:local"
+    assert "Prometheus on http://127.0.0.1:9090" in result.stdout
 
 
 def test_an_earlier_local_choice_is_kept_and_recorded(checkout):
