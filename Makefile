@@ -31,13 +31,12 @@ ps: ## Show the services and their health
 restart-proxy: ## Re-read API keys and settings (restarts the proxy only)
 	docker compose restart proxy
 
-# The proxy's metrics port is not published: read it from inside its container.
+# The proxy's metrics port is not published: both read it from inside its container.
 metrics: ## Print the proxy's Prometheus metrics (per key, route and outcome)
-	docker compose exec -T proxy python3 -c \
-	  "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9100/metrics').read().decode(), end='')"
+	docker compose exec -T proxy python3 -m dce_proxy.report metrics
 
 usage: ## Requests, errors and tokens per key since the proxy started
-	docker compose exec -T proxy python3 -m dce_proxy.usage_table
+	docker compose exec -T proxy python3 -m dce_proxy.report usage
 
 images: ## Build every image locally, without a registry
 	scripts/build-images.sh

@@ -64,7 +64,8 @@ def when_ready(server):
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    start_http_server(metrics_port, addr=bind.rsplit(":", 1)[0], registry=registry)
+    # On the proxy's own address (all of the container's, or loopback when bound there).
+    start_http_server(metrics_port, addr=bind.rsplit(":", 1)[0].strip("[]"), registry=registry)
 
 
 def child_exit(server, worker):

@@ -109,7 +109,7 @@ case $images in
     if [[ $(env_value CADDY_IMAGE) == dce-* ]]; then  # switched from local: the registry's names again
       for setting in CADDY_IMAGE=caddy:2.11.7 PROXY_IMAGE=dce-proxy:latest LIMITS_IMAGE=dce-limits:latest \
           PROMETHEUS_IMAGE=prom/prometheus:v3.5.0 PROXY_BASE_IMAGE=python:3.11-slim-bookworm \
-          LIMITS_BASE_IMAGE=debian:bookworm-slim PROMETHEUS_BASE_IMAGE=debian:bookworm-slim; do
+          LIMITS_BASE_IMAGE=debian:bookworm-slim; do
         set_env_value "${setting%%=*}" "${setting#*=}"
       done
     fi
@@ -135,7 +135,6 @@ case $images in
     # A later build by compose itself (an image pruned meanwhile) must not pull its base either.
     set_env_value PROXY_BASE_IMAGE dce-base:bookworm
     set_env_value LIMITS_BASE_IMAGE dce-base:bookworm
-    set_env_value PROMETHEUS_BASE_IMAGE dce-base:bookworm
     build=()
     ;;
   *)

@@ -54,10 +54,10 @@ def write_access_line(record: RequestRecord) -> None:
     if record.ttft_seconds is not None:
         entry["ttft_ms"] = round(record.ttft_seconds * 1000, 2)
     if record.outcome is not None:
-        entry["outcome"] = record.outcome
+        entry["outcome"] = record.outcome.value
     if record.prompt_tokens is not None:
         entry["prompt_tokens"] = record.prompt_tokens
-    if record.completion is not None:
-        entry["completion_tokens"] = record.completion
+    if record.completion_tokens is not None:
+        entry["completion_tokens"] = record.completion_tokens
         entry["tokens_exact"] = record.tokens_exact
     access_log.info("access", entry)

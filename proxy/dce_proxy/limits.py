@@ -97,11 +97,11 @@ class Slot:
     on /api/dce/proxy, see stream.py). Freed once, by whichever comes first: vLLM's stream ends, the
     response closes (the client went away), or the view failed; a request still in line leaves it."""
 
-    def __init__(self, release: Release | None, ticket: Ticket | None, refusal: ApiError, client: str):
+    def __init__(self, release: Release | None, ticket: Ticket | None, refusal: ApiError, key: str | None):
         self._release = release
         self._ticket = ticket
         self.refusal = refusal  # the 429 of a request that may not wait
-        self._waiting = QUEUE_WAITING.labels(key_label(client))
+        self._waiting = QUEUE_WAITING.labels(key_label(key))
         if ticket is not None:
             self._waiting.inc()
 
@@ -135,7 +135,7 @@ def _take_slot(may_wait: bool) -> Slot:
     release = store.acquire(client_id(), cap)
     if release is None and not may_wait:
         raise refusal
-    return Slot(release, None if release is not None else store.join(client_id(), cap), refusal, client_id())
+    return Slot(release, None if release is not None else store.join(client_id(), cap), refusal, current_record().key)
 
 
 def _holding_slot(view, may_wait: bool):

@@ -49,7 +49,7 @@ def observe(record: RequestRecord) -> None:
         TIME_TO_FIRST_TOKEN.labels(key, record.route).observe(record.ttft_seconds)
     if record.prompt_tokens:
         TOKENS.labels(key, "prompt").inc(record.prompt_tokens)
-    if record.completion:
-        TOKENS.labels(key, "completion").inc(record.completion)
+    if record.completion_tokens:
+        TOKENS.labels(key, "completion").inc(record.completion_tokens)
     if record.outcome is not None:
-        STREAM_OUTCOMES.labels(key, record.route, record.outcome).inc()
+        STREAM_OUTCOMES.labels(key, record.route, record.outcome.value).inc()

@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Callable
 
 from flask import Flask, Response, request
@@ -18,10 +19,14 @@ if TYPE_CHECKING:
 _RECORD = "dce.record"
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
-# How a stream ended: vLLM's [DONE] went out; the client closed it first; it ended on an error
-# event (vLLM's error, vLLM gone, the limits store gone); or on a timeout (no slot in time, or vLLM
-# silent past DCE_FIRST_BYTE_TIMEOUT).
-DONE, CLIENT_GONE, UPSTREAM_ERROR, TIMEOUT = "done", "client_gone", "upstream_error", "timeout"
+
+
+class Outcome(str, Enum):
+    """How a stream ended."""
+    DONE = "done"  # vLLM's [DONE] went out after its last token
+    CLIENT_GONE = "client_gone"  # the client closed it first
+    UPSTREAM_ERROR = "upstream_error"  # on an error event: vLLM's error, vLLM gone, the limits store gone
+    TIMEOUT = "timeout"  # no slot in time, or vLLM silent past DCE_FIRST_BYTE_TIMEOUT
 
 
 @dataclass
@@ -36,39 +41,40 @@ class RequestRecord:
     status: int = 0
     stream: bool = False
     # Filled in as the answer goes out.
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None  # vLLM's own count (its usage), when it sent one
-    tokens_seen: int = 0  # events that carried text: the count when vLLM's usage never came
+    prompt_tokens: int | None = None  # vLLM's count
+    vllm_completion_tokens: int | None = None  # vLLM's count, sent once the answer is complete
+    text_events: int = 0  # events relayed that carried generated text (a token each)
     first_token_at: float | None = None
-    outcome: str | None = None  # streams only
+    outcome: Outcome | None = None  # streams only
 
-    def take_usage(self, usage: dict) -> None:
-        for name in ("prompt_tokens", "completion_tokens"):
+    def take_usage(self, usage: dict, *, final: bool) -> None:
+        """vLLM's usage: its prompt count from any event, its completion count from the final one
+        (an event's own counts only its choice's tokens)."""
+        for name in ("prompt_tokens", "completion_tokens") if final else ("prompt_tokens",):
             value = usage.get(name)
             if isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, name, value)
+                setattr(self, "vllm_completion_tokens" if name == "completion_tokens" else name, value)
 
-    def saw_tokens(self, events: int) -> None:
+    def saw_text_events(self, events: int) -> None:
         if events and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        self.tokens_seen += events
+        self.text_events += events
 
-    def end_stream(self, outcome: str) -> None:
+    def end_stream(self, outcome: Outcome) -> None:
         """The first way a stream ended is the one it ended by."""
         if self.outcome is None:
             self.outcome = outcome
 
     @property
     def tokens_exact(self) -> bool:
-        return self.completion_tokens is not None
+        return self.vllm_completion_tokens is not None
 
     @property
-    def completion(self) -> int | None:
-        """Completion tokens: vLLM's count, else those the client was sent (a stream cut before
-        vLLM's usage came), else unknown."""
-        if self.completion_tokens is not None:
-            return self.completion_tokens
-        return self.tokens_seen if self.stream else None
+    def completion_tokens(self) -> int | None:
+        """vLLM's count; for a stream cut before vLLM's count came, the tokens relayed to its client."""
+        if self.vllm_completion_tokens is not None:
+            return self.vllm_completion_tokens
+        return self.text_events if self.stream else None
 
     @property
     def ttft_seconds(self) -> float | None:

@@ -14,11 +14,10 @@ from flask import Response, current_app
 from .errors import ApiError, from_upstream, upstream_error_answer, upstream_garbage, upstream_unavailable
 from .payload import fit_to_model
 from .record import RequestRecord, current_record
-from .sse import DONE, EventSplitter, event_data
+from .sse import DONE, EventSplitter, event_data, event_json, has_done, split_whole
 from .stream import stream_response
 from .upstream import UpstreamStreamError, iter_body, read_all
-from .usage import (USAGE_KEY, ask_for_usage, count_text_events, count_usage_at_end, json_object_of,
-                    keeps_usage_event)
+from .usage import USAGE_KEY, UsageAsked, as_asked, ask_for_usage, count_text_events, count_usage_at_end
 
 # Per-event rewrite: takes the decoded event, returns the bytes to send (b"" to send nothing).
 EventRewriter = Callable[[dict], bytes]
@@ -29,7 +28,8 @@ _EARLY_END = "vLLM ended the stream before it was complete."
 # Enough of a whole answer's end to hold its usage and the fields vLLM may put after it (e.g. the
 # prompt's token ids when asked for).
 _USAGE_TAIL_BYTES = 65536
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
+# vLLM's error event in a stream, {"error": {...}}: a top-level key, which text cannot fake.
+_VLLM_ERROR_EVENT = re.compile(rb'(?:^|\n)data: ?\{\s*"error"\s*:')
 
 
 def upstream_error_response(upstream: urllib3.BaseHTTPResponse) -> Response:
@@ -52,7 +52,7 @@ def read_json(upstream: urllib3.BaseHTTPResponse) -> tuple[bytes, dict]:
         raise upstream_garbage("vLLM's answer is not a JSON object.")
     usage = parsed.get("usage")
     if isinstance(usage, dict):
-        current_record().take_usage(usage)
+        current_record().take_usage(usage, final=True)
     return body, parsed
 
 
@@ -67,38 +67,43 @@ class Passthrough:
     stopped = False  # it never ends a stream on its own
     at_boundary = True  # it only ever sends whole events
 
-    def __init__(self, error_event: ErrorEvent, record: RequestRecord, usage_asked: bool):
+    def __init__(self, error_event: ErrorEvent, record: RequestRecord, usage_asked: UsageAsked):
         self.error_event = error_event
         self.complete = False  # vLLM's [DONE] went out
+        self.failed = False  # vLLM reported an error in the stream (and then sent [DONE])
         self._record = record
         self._usage_asked = usage_asked
-        self._pending = b""  # the start of an event still to complete
+        self._splitter = EventSplitter()
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk
-        cut = _end_of_last_event(data)
-        ready, self._pending = data[:cut], data[cut:]
-        return self._relayed(ready) if ready else b""
+        events = self._splitter.whole(chunk)
+        return self._relayed(events) if events else b""
 
     def end(self) -> bytes:
-        # vLLM's last event without its blank line still goes out, ended, before anything else.
-        out = self._relayed(self._pending + b"\n\n") if self._pending.strip() else b""
-        self._pending = b""
+        # vLLM's last event without its blank line still goes out, ended, when it is whole: a cut
+        # one would only break the client's parser before the error event that says why.
+        out = b"".join(self._relayed(event + b"\n\n") for event in self._splitter.rest() if _whole(event))
         return out if self.complete else out + self.error_event(upstream_unavailable(_EARLY_END)) + DONE
 
     def _relayed(self, events: bytes) -> bytes:
         count_text_events(events, self._record)
         if USAGE_KEY.search(events):
-            events = b"".join(self._usage_read(event) for event in _whole_events(events))
-        self.complete = self.complete or DONE.strip() in events
+            events = b"".join(self._usage_read(event) for event in split_whole(events))
+        self.failed = self.failed or _VLLM_ERROR_EVENT.search(events) is not None
+        self.complete = self.complete or has_done(events)
         return events
 
     def _usage_read(self, event: bytes) -> bytes:
         data = event_data(event)
-        payload = json_object_of(data) if data is not None else None
-        if payload is None or keeps_usage_event(payload, self._record, self._usage_asked):
-            return event
+        payload = event_json(data) if data is not None else None
+        if payload is None or as_asked(payload, self._record, self._usage_asked) is not None:
+            return event  # (the proxy asks for nothing here that a client did not: bytes unchanged)
         return b""
+
+
+def _whole(event: bytes) -> bool:
+    data = event_data(event)
+    return data is not None and (data.strip() == b"[DONE]" or event_json(data) is not None)
 
 
 class Rewriter:
@@ -106,7 +111,8 @@ class Rewriter:
 
     at_boundary = True  # it only ever sends whole events
 
-    def __init__(self, rewrite: EventRewriter, error_event: ErrorEvent, record: RequestRecord, usage_asked: bool):
+    def __init__(self, rewrite: EventRewriter, error_event: ErrorEvent, record: RequestRecord,
+                 usage_asked: UsageAsked):
         self.error_event = error_event
         self.complete = False  # vLLM's [DONE] went out
         self.stopped = False  # the stream was ended here, on an error event
@@ -139,7 +145,7 @@ class Rewriter:
         if data.strip() == b"[DONE]":
             self.complete = True
             return DONE
-        payload = json_object_of(data)
+        payload = event_json(data)
         if payload is None:
             self.stopped = True
             return self.error_event(upstream_garbage("vLLM sent an event that is not a JSON object.")) + DONE
@@ -147,9 +153,12 @@ class Rewriter:
             self.stopped = True
             return self.error_event(from_upstream(payload["error"], 502)) + DONE
         count_text_events(data, self._record)
-        if not keeps_usage_event(payload, self._record, self._usage_asked):
-            return b""
-        return self._rewrite(payload)
+        payload = as_asked(payload, self._record, self._usage_asked)
+        return b"" if payload is None else self._rewrite(payload)
+
+    @property
+    def failed(self) -> bool:
+        return self.stopped
 
 
 def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: EventRewriter | None = None,
@@ -160,7 +169,9 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
     record = current_record()
     slot = record.slot
     if body.get("stream"):
-        usage_asked = ask_for_usage(body)
+        # A relay that rewrites each event can take vLLM's usage out of each again: it asks for it
+        # in every event, so that a stream its client left still has vLLM's prompt count.
+        usage_asked = ask_for_usage(body, in_every_event=rewrite_event is not None)
         relay = (Passthrough(error_event, record, usage_asked) if rewrite_event is None
                  else Rewriter(rewrite_event, error_event, record, usage_asked))
         return stream_response(upstream, path, json.dumps(body).encode(), relay, slot)
@@ -223,19 +234,3 @@ def _rest_of(answer: urllib3.BaseHTTPResponse, first: bytes, chunks: Iterator[by
             answer.release_conn()
         else:
             answer.close()
-
-
-
-
-def _end_of_last_event(data: bytes) -> int:
-    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-
-
-def _whole_events(events: bytes) -> list[bytes]:
-    """Whole events cut apart, each with its own blank line."""
-    cut, start = [], 0
-    for end in _EVENT_END.finditer(events):
-        cut.append(events[start:end.end()])
-        start = end.end()
-    return cut

@@ -22,7 +22,7 @@ from .errors import ApiError, limits_store_unavailable, too_many, upstream_error
 from .limits import Slot
 from .metrics import STREAMS_IN_FLIGHT, key_label
 from .pump import ENDED, OPENED, Failed, Pump, Refused
-from .record import CLIENT_GONE, DONE as ENDED_BY_DONE, TIMEOUT, UPSTREAM_ERROR, RequestRecord, current_record
+from .record import Outcome, RequestRecord, current_record
 from .sse import DONE, HEARTBEAT
 from .upstream import Upstream
 
@@ -34,6 +34,7 @@ _POLL_SECONDS = 0.2
 class Relay(Protocol):
     complete: bool  # vLLM's [DONE] went out
     stopped: bool  # the relay ended the stream itself (with an error event)
+    failed: bool  # the stream carried an error event (vLLM's, or the relay's own)
     at_boundary: bool  # between two events, where a heartbeat may go
 
     def error_event(self, error: ApiError) -> bytes: ...
@@ -92,7 +93,7 @@ class _Stream:
 
     def close(self) -> None:
         """The response closed: a stream that had not ended was left by its client."""
-        self._record.end_stream(CLIENT_GONE)
+        self._record.end_stream(Outcome.CLIENT_GONE)
         self._stop_pump()
 
     def _stop_pump(self) -> None:
@@ -135,7 +136,7 @@ class _Stream:
             if isinstance(item, bytes):
                 out = self._relay.feed(item)
                 if self._relay.stopped or self._relay.complete:
-                    self._ended(ENDED_BY_DONE if self._relay.complete else UPSTREAM_ERROR)
+                    self._ended(self._relay_outcome())
                     yield out
                     return  # nothing may follow DONE, not even a heartbeat while vLLM closes
                 if out:
@@ -143,21 +144,24 @@ class _Stream:
                 continue
             if item is ENDED:
                 last = self._relay.end()
-                self._ended(ENDED_BY_DONE if self._relay.complete else UPSTREAM_ERROR)
+                self._ended(self._relay_outcome())
                 yield last
             else:
-                yield self._failed(self._error_of(item))
+                error = self._error_of(item)
+                yield self._failed(error, Outcome.TIMEOUT if error.status == 504 else Outcome.UPSTREAM_ERROR)
             return
 
-    def _ended(self, outcome: str) -> None:
+    def _relay_outcome(self) -> Outcome:
+        return Outcome.DONE if self._relay.complete and not self._relay.failed else Outcome.UPSTREAM_ERROR
+
+    def _ended(self, outcome: Outcome) -> None:
         """The stream's last bytes are about to go: its slot is freed first, so that a client that
         starts its next generation as soon as it has them finds the slot free."""
         self._record.end_stream(outcome)
         self._slot.free()
 
-    def _failed(self, error: ApiError) -> bytes:
-        timed_out = error.code in ("upstream_timeout", "queue_timeout")
-        self._ended(TIMEOUT if timed_out else UPSTREAM_ERROR)
+    def _failed(self, error: ApiError, outcome: Outcome) -> bytes:
+        self._ended(outcome)
         return self._relay.error_event(error) + DONE
 
     def _next_item(self):
@@ -182,7 +186,7 @@ class _Stream:
                 if self._slot.wait(max(min(_POLL_SECONDS, self._next_beat - now, deadline - now), 0.0)):
                     return True
             except redis.RedisError:  # the slots of several workers live in Redis
-                yield self._failed(limits_store_unavailable())
+                yield self._failed(limits_store_unavailable(), Outcome.UPSTREAM_ERROR)
                 return False
             if self._client_gone():
                 return False  # closing the response takes this request out of the line
@@ -190,7 +194,7 @@ class _Stream:
             if now >= deadline:
                 yield self._failed(too_many(f"No generation slot came free for this key within "
                                             f"{self._queue_timeout:g} s (limit {self._cap} at once). "
-                                            "Try again later.", "queue_timeout", 1))
+                                            "Try again later.", "queue_timeout", 1), Outcome.TIMEOUT)
                 return False
             if now >= self._next_beat:
                 yield HEARTBEAT

@@ -1,10 +1,10 @@
 """Exact token counts of an answer, from vLLM's own `usage`: every stream asks vLLM for it
-(stream_options.include_usage), and only a client that asked for it too is sent vLLM's usage event."""
+(stream_options.include_usage), and a client is sent vLLM's usage only as it asked for it."""
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import dataclass
 
 from .errors import invalid
 from .record import RequestRecord
@@ -17,50 +17,59 @@ _TEXT = re.compile(rb'"(?:content|reasoning|text)":\s*"[^"]')
 _USAGE_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
 
 
-def ask_for_usage(body: dict) -> bool:
-    """Makes a streamed request ask vLLM for its usage; True if the client asked for it itself."""
-    options = body.get("stream_options")
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
+@dataclass(frozen=True)
+class UsageAsked:
+    """What a client asked vLLM's usage for."""
+    final: bool  # vLLM's usage event, after the last token
+    every_event: bool  # usage in every event too (continuous_usage_stats)
+
+
+def ask_for_usage(body: dict, *, in_every_event: bool) -> UsageAsked:
+    """Makes a streamed request ask vLLM for its usage (`in_every_event`: in each event too, so a
+    stream cut early still has vLLM's prompt count); returns what the client asked for itself."""
+    sent = body.get("stream_options")
+    if sent is not None and not isinstance(sent, dict):
         raise invalid("stream_options", "'stream_options' must be an object.")
-    asked = options.get("include_usage")
-    if asked is not None and not isinstance(asked, bool):
-        raise invalid("stream_options", "'stream_options.include_usage' must be true or false.")
-    # vLLM adds usage to every event when continuous_usage_stats comes with include_usage: only if
-    # the client asked for both.
-    body["stream_options"] = {**options, "include_usage": True,
-                              **({} if asked else {"continuous_usage_stats": False})}
-    return bool(asked)
+    options = sent or {}
+    for name in ("include_usage", "continuous_usage_stats"):
+        if options.get(name) is not None and not isinstance(options[name], bool):
+            raise invalid("stream_options", f"'stream_options.{name}' must be true or false.")
+    # As vLLM reads it: a stream_options object asks for usage unless it says include_usage false.
+    final = sent is not None and options.get("include_usage", True) is True
+    every_event = final and options.get("continuous_usage_stats") is True
+    forwarded = {**options, "include_usage": True}
+    if every_event or in_every_event:
+        forwarded["continuous_usage_stats"] = True
+    elif options.get("continuous_usage_stats"):
+        forwarded["continuous_usage_stats"] = False  # it asked for it without usage: none at all
+    body["stream_options"] = forwarded
+    return UsageAsked(final, every_event)
+
+
+def as_asked(payload: dict, record: RequestRecord, asked: UsageAsked) -> dict | None:
+    """Takes an event's usage into the record; returns the event as its client gets it: None for
+    vLLM's usage event (usage, no choices) that it did not ask for, and without `usage` an event
+    that has it only because the proxy asked."""
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return payload
+    final = not payload.get("choices")
+    record.take_usage(usage, final=final)
+    if final:
+        return payload if asked.final else None
+    if asked.every_event:
+        return payload
+    return {name: value for name, value in payload.items() if name != "usage"}
 
 
 def count_text_events(events: bytes, record: RequestRecord) -> None:
     """Counts the events of relayed bytes that carry generated text (one token each at vLLM's
     default --stream-interval 1): a stream cut before vLLM's usage came is still counted."""
-    record.saw_tokens(len(_TEXT.findall(events)))
-
-
-def keeps_usage_event(payload: dict, record: RequestRecord, usage_asked: bool) -> bool:
-    """Takes an event's usage into the record. False for vLLM's usage event (usage, no choices)
-    when the client did not ask for it: it is not sent."""
-    usage = payload.get("usage")
-    if not isinstance(usage, dict):
-        return True
-    record.take_usage(usage)
-    return usage_asked or bool(payload.get("choices"))
-
-
-def json_object_of(data: bytes) -> dict | None:
-    """An event's data as a JSON object, or None."""
-    try:
-        payload = json.loads(data)
-    except ValueError:
-        return None
-    return payload if isinstance(payload, dict) else None
+    record.saw_text_events(len(_TEXT.findall(events)))
 
 
 def count_usage_at_end(tail: bytes, record: RequestRecord) -> None:
     """A whole answer's usage, read from its last bytes (vLLM writes `usage` after the choices)."""
     _, found, usage = tail.rpartition(b'"usage":')
     if found:
-        record.take_usage({name.decode(): int(value) for name, value in _USAGE_COUNT.findall(usage)})
+        record.take_usage({name.decode(): int(value) for name, value in _USAGE_COUNT.findall(usage)}, final=True)

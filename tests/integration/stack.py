@@ -38,7 +38,6 @@ TINY_VOCAB = 2050
 THINK_END_ID = 2049
 # Runs in the limits container: leases of one client's slots that have not lapsed.
 _LIVE_LEASES = "return redis.call('ZCOUNT', KEYS[1], redis.call('TIME')[1], '+inf')"
-_READ_METRICS = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9100/metrics').read().decode())"
 
 
 @dataclass
@@ -98,9 +97,9 @@ class Stack:
 
     def proxy_metrics(self) -> str:
         """The proxy's Prometheus metrics, from its own container (the port is not published)."""
-        exit_code, output = self.exec_python("proxy", _READ_METRICS)
-        assert exit_code == 0, output
-        return output
+        result = self.container("proxy").exec_run(["python3", "-m", "dce_proxy.report", "metrics"])  # as `make metrics`
+        assert result.exit_code == 0, result.output
+        return result.output.decode()
 
     def prometheus_url(self) -> str:
         """The monitoring profile's Prometheus, on its loopback port."""

@@ -71,7 +71,9 @@ def test_the_monitoring_profile_answers_on_this_host_only_and_keeps_its_data():
     services = _config("compose.yaml", "compose.monitoring.yaml")["services"]
     prometheus = services["prometheus"]
     assert [(port["host_ip"], port["published"]) for port in prometheus["ports"]] == [("127.0.0.1", "9090")]
-    assert prometheus["image"] == "prom/prometheus:v3.5.0" and prometheus["mem_limit"] and prometheus["pids_limit"]
+    # Pulled in registry mode, never built under the registry's name (local mode builds dce-prometheus).
+    assert prometheus["image"] == "prom/prometheus:v3.5.0" and "build" not in prometheus
+    assert prometheus["user"] == "65534:65534" and prometheus["mem_limit"] and prometheus["pids_limit"]
     assert "--storage.tsdb.retention.time=30d" in prometheus["command"]
     assert {volume["source"] for volume in prometheus["volumes"] if volume["type"] == "volume"} == {"prometheus_data"}
     assert "backend" in prometheus["networks"]  # where the proxy's and vLLM's metrics are

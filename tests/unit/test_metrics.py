@@ -12,7 +12,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from dce_proxy.usage_table import format_table, usage_by_key
+from dce_proxy.report import format_table, usage_by_key
 
 from unit_helpers import (ALICE_KEY, DCE_EXTENSION_BODY, Tab, access_lines, bearer, raw_http,
                           read_events_then_hang_up, sse_json)
@@ -71,10 +71,22 @@ def test_a_client_that_asks_for_usage_in_a_wrong_shape_gets_a_clear_error(client
     assert not fake_vllm.generation_requests
 
 
-def test_continuous_usage_stays_off_unless_the_client_asked_for_usage(client, fake_vllm):
-    body = {**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}}
-    client.post("/v1/chat/completions", json=body, headers=AUTH).get_data()
-    assert fake_vllm.last_body["stream_options"] == {"include_usage": True, "continuous_usage_stats": False}
+@pytest.mark.parametrize("route, options, to_vllm, usage_sent", [
+    # As vLLM reads stream_options: an object asks for usage unless include_usage is false.
+    ("/v1/chat/completions", None, {"include_usage": True}, False),
+    ("/v1/chat/completions", {}, {"include_usage": True}, True),
+    ("/v1/chat/completions", {"include_usage": False, "continuous_usage_stats": True},
+     {"include_usage": True, "continuous_usage_stats": False}, False),
+    ("/v1/chat/completions", {"continuous_usage_stats": True}, {"include_usage": True, "continuous_usage_stats": True}, True),
+    # The extension's route asks for usage in every event (a stream cut early keeps vLLM's prompt count).
+    (PROXY, None, {"include_usage": True, "continuous_usage_stats": True}, False),
+])
+def test_stream_options_ask_vllm_for_usage_and_the_client_gets_what_it_asked(client, fake_vllm, route, options,
+                                                                             to_vllm, usage_sent):
+    body = {**STREAMS[route], **({} if options is None else {"stream_options": options})}
+    received = client.post(route, json=body, headers=AUTH).get_data()
+    assert fake_vllm.last_body["stream_options"] == to_vllm
+    assert (b'"usage"' in received) == usage_sent
 
 
 def test_each_way_a_stream_ends_is_counted_with_its_tokens(proxy_server, fake_vllm):
@@ -88,6 +100,9 @@ def test_each_way_a_stream_ends_is_counted_with_its_tokens(proxy_server, fake_vl
     fake_vllm.fault, fake_vllm.hold_headers = None, threading.Event()  # vLLM silent: 0 tokens
     assert post_like_extension(session, url, body).finish_reason == "error"
     fake_vllm.hold_headers.set()
+    fake_vllm.fault = "error"  # on /v1 too, though vLLM's [DONE] follows its error event
+    assert b'"error"' in session.post(f"{server.url}/v1/chat/completions", json={**CHAT, "stream": True},
+                                      headers=AUTH, timeout=10).content
     fake_vllm.fault, fake_vllm.hold_stream = "stall", threading.Event()  # the client leaves after 1 token
     sock = raw_http(server.port, "POST", f"/k/{ALICE_KEY}{PROXY}", json.dumps(body).encode(),
                     [("Content-Type", "application/json")])
@@ -96,24 +111,27 @@ def test_each_way_a_stream_ends_is_counted_with_its_tokens(proxy_server, fake_vl
     wait_until(lambda: requests_counted(server, "alice", PROXY, 200) == 4, 10, "four streams counted")
     fake_vllm.hold_stream.set()
 
+    wait_until(lambda: requests_counted(server, "alice", "/v1/chat/completions", 200) == 1, 10, "the /v1 stream counted")
     samples = scrape(server)
     for outcome in ("done", "upstream_error", "timeout", "client_gone"):
         assert value(samples, "dce_proxy_stream_outcomes_total", key="alice", route=PROXY, outcome=outcome) == 1, outcome
+    assert value(samples, "dce_proxy_stream_outcomes_total", key="alice", route="/v1/chat/completions",
+                 outcome="upstream_error") == 1
     assert value(samples, "dce_proxy_requests_total", key="none", route=PROXY, status="401") == 1
-    assert value(samples, "dce_proxy_tokens_total", key="alice", type="completion") == 3 + 1 + 0 + 1
+    assert value(samples, "dce_proxy_tokens_total", key="alice", type="completion") == 3 + 1 + 0 + 1 + 1
     assert value(samples, "dce_proxy_tokens_total", key="alice", type="prompt") == 7  # only vLLM's usage tells
     # Three streams had a first token; all four took time.
     assert value(samples, "dce_proxy_time_to_first_token_seconds_count", key="alice", route=PROXY) == 3
     assert value(samples, "dce_proxy_request_duration_seconds_count", key="alice", route=PROXY) == 4
     text = requests.get(server.metrics_url, timeout=5).text
     assert ALICE_KEY not in text  # key names, never keys
-    # `make usage`: the two streams that ended on an error are the key's errors, as is the 401 of none.
+    # `make usage`: the three streams that ended on an error are the key's errors, the 401 is none's.
     usage = usage_by_key(text)
-    assert usage == {"alice": {"requests": 4, "errors": 2, "prompt tokens": 7, "completion tokens": 5},
+    assert usage == {"alice": {"requests": 5, "errors": 3, "prompt tokens": 7, "completion tokens": 6},
                      "none": {"requests": 1, "errors": 1, "prompt tokens": 0, "completion tokens": 0}}
     assert format_table(usage).splitlines() == [
         "key    requests  errors  prompt tokens  completion tokens",
-        "alice         4       2              7                  5",
+        "alice         5       3              7                  6",
         "none          1       1              0                  0"]
 
 

@@ -1,5 +1,6 @@
-"""`make usage`: requests, errors and tokens per key since the proxy started, read from its own
-metrics (metrics.py). Runs in the proxy container: python3 -m dce_proxy.usage_table"""
+"""What `make metrics` and `make usage` print: the proxy's own metrics (metrics.py), read from its
+metrics port inside its container, as they are or as requests, errors and tokens per key since the
+proxy started. python3 -m dce_proxy.report metrics|usage"""
 
 from __future__ import annotations
 
@@ -43,12 +44,20 @@ def format_table(usage: dict[str, dict[str, int]]) -> str:
                                for i, (cell, width) in enumerate(zip(row, widths))) for row in rows)
 
 
-def main() -> None:
+def read_metrics() -> str:
     port = os.environ.get("DCE_METRICS_PORT", "9100")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    print(format_table(usage_by_key(text)))
+        return answer.read().decode()
+
+
+def main(argv: list[str]) -> int:
+    if argv not in (["metrics"], ["usage"]):
+        print("usage: python3 -m dce_proxy.report metrics|usage", file=sys.stderr)
+        return 2
+    text = read_metrics()
+    print(text if argv == ["metrics"] else format_table(usage_by_key(text)), end="" if argv == ["metrics"] else "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
