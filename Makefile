@@ -11,7 +11,7 @@ PIP_TOOLS := pip-tools==7.6.2
 PYTEST := $(VENV)/bin/python -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help up down logs ps restart-proxy metrics usage images lock test test-unit test-integration bench
+.PHONY: help up down logs ps restart-proxy keys key-add key-revoke metrics usage images lock test test-unit test-integration bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -28,8 +28,17 @@ logs: ## Follow the logs of all services
 ps: ## Show the services and their health
 	docker compose ps
 
-restart-proxy: ## Re-read API keys and settings (restarts the proxy only)
+restart-proxy: ## Restart the proxy (cuts its streams; keeps the settings it started with)
 	docker compose restart proxy
+
+keys: ## List the API key names (the keys stay in their file)
+	@scripts/keys.sh list
+
+key-add: ## Add a key: make key-add NAME=alice (prints it once; in force within seconds, no restart)
+	@scripts/keys.sh add "$(NAME)"
+
+key-revoke: ## Revoke a key: make key-revoke NAME=alice (401 within seconds; its running streams finish)
+	@scripts/keys.sh revoke "$(NAME)"
 
 # The proxy's metrics port is not published: both read it from inside its container.
 metrics: ## Print the proxy's Prometheus metrics (per key, route and outcome)

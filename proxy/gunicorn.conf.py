@@ -13,8 +13,9 @@ workers = int(os.environ.get("DCE_PROXY_WORKERS", "1"))
 worker_connections = int(os.environ.get("DCE_PROXY_WORKER_CONNECTIONS", "4096"))
 # With gevent this is only the worker's heartbeat: a long generation is never cut by it.
 timeout = 60
-# On SIGTERM, running streams get this long to finish (compose's stop_grace_period matches it).
-graceful_timeout = int(os.environ.get("DCE_PROXY_GRACEFUL_TIMEOUT", "600"))
+# On SIGTERM, running streams get this long to finish (as in Caddy and vLLM, and compose's
+# stop_grace_period: one setting for all).
+graceful_timeout = int(os.environ.get("DCE_STOP_GRACE_SECONDS", "600"))
 keepalive = 75
 # The app writes its own JSON access log, which never holds a /k/KEY path.
 accesslog = None
@@ -76,6 +77,6 @@ def child_exit(server, worker):
 
 
 def post_worker_init(worker):
-    # Each worker learns vLLM's model list as it starts, while vLLM is up (the proxy starts after
-    # it is healthy): a first request then never waits on a silent engine with nothing sent.
+    # Each worker learns vLLM's model list as it starts, when vLLM answers at once: a first request
+    # then never waits on a silent engine with nothing sent. (While vLLM loads, a request reads it.)
     worker.wsgi.extensions["dce_upstream"].learn_models()

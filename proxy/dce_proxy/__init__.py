@@ -12,6 +12,7 @@ from .access_log import configure_logging, write_access_line
 from .auth import PathKeyMiddleware, authenticate
 from .config import Settings, load_settings
 from .errors import register_error_handlers
+from .keys import KeyRing
 from .limits import init_limits
 from .metrics import observe
 from .record import init_records
@@ -30,6 +31,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         DCE_PUBLIC_ENDPOINTS={"health.healthz", "health.readyz"},
     )
     app.extensions["dce_upstream"] = Upstream(settings)
+    app.extensions["dce_keys"] = KeyRing(settings)
     # Caddy is the only hop in front of us: trust exactly one X-Forwarded-For entry, the one it wrote.
     app.wsgi_app = PathKeyMiddleware(ProxyFix(app.wsgi_app, x_for=1, x_proto=0, x_host=0))
     register_error_handlers(app)

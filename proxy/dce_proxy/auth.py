@@ -8,6 +8,7 @@ from flask import current_app, request
 
 from .config import ApiKey
 from .errors import unauthorized
+from .keys import key_ring
 from .limits import client_address, count_failed_authentication, refuse_after_failed_authentications
 from .record import current_record
 
@@ -74,7 +75,7 @@ def authenticate() -> None:
     if request.url_rule is None or request.endpoint in current_app.config["DCE_PUBLIC_ENDPOINTS"]:
         return
     settings = current_app.config["DCE_SETTINGS"]
-    key = find_key(presented_key(), settings.api_keys)
+    key = find_key(presented_key(), key_ring().keys())
     if key is not None:
         # A valid key always passes: behind one shared address (a NAT), a colleague's stale key
         # must not lock everyone else out.

@@ -30,7 +30,9 @@ class Settings:
     vllm_url: str = "http://vllm:8000"
     # Secrets stay out of repr(): a logged Settings or traceback must not show them.
     vllm_api_key: str = field(default="", repr=False)  # sent to vLLM as a bearer token when set
-    api_keys: tuple[ApiKey, ...] = ()
+    api_keys: tuple[ApiKey, ...] = ()  # at start: inline_api_keys, then the key file's (keys.py reads it again)
+    inline_api_keys: tuple[ApiKey, ...] = ()  # DCE_API_KEYS
+    api_keys_file: str = ""  # DCE_API_KEYS_FILE
     open_mode: bool = False
     model_aliases: Mapping[str, str] = field(default_factory=dict)
     rate_limit: str = "600/minute"
@@ -53,14 +55,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if env is None:
         env = os.environ
     reader = _Reader(env)
-    keys = _parse_keys(env.get("DCE_API_KEYS", "").split(","), "DCE_API_KEYS")
+    inline_keys = tuple(_parse_keys(env.get("DCE_API_KEYS", "").split(","), "DCE_API_KEYS"))
     keys_file = env.get("DCE_API_KEYS_FILE", "").strip()
-    if keys_file:
-        keys += _read_keys_file(keys_file)
+    file_keys = tuple(read_keys_file(keys_file)) if keys_file else ()
     settings = Settings(
         vllm_url=env.get("VLLM_URL", Settings.vllm_url).rstrip("/"),
         vllm_api_key=_read_secret(env.get("VLLM_API_KEY_FILE", "").strip(), "VLLM_API_KEY_FILE"),
-        api_keys=tuple(keys),
+        api_keys=inline_keys + file_keys,
+        inline_api_keys=inline_keys,
+        api_keys_file=keys_file,
         open_mode=reader.boolean("DCE_OPEN_MODE", False),
         model_aliases=_parse_aliases(env.get("DCE_MODEL_ALIASES", "")),
         rate_limit=reader.rate_limit("DCE_RATE_LIMIT", Settings.rate_limit),
@@ -172,7 +175,7 @@ def _parse_keys(entries: Iterable[str], source: str) -> list[ApiKey]:
     return keys
 
 
-def _read_keys_file(path: str) -> list[ApiKey]:
+def read_keys_file(path: str) -> list[ApiKey]:
     return _parse_keys(_read_file(path, "DCE_API_KEYS_FILE").splitlines(), "DCE_API_KEYS_FILE")
 
 

@@ -165,7 +165,8 @@ class Upstream:
         except ReadTimeoutError:
             raise upstream_timeout("vLLM did not start answering in time.") from None
         except ConnectTimeoutError:  # also a refused connection (NewConnectionError)
-            raise upstream_unavailable("vLLM did not accept the connection (starting, restarting or down).") from None
+            raise upstream_unavailable("vLLM did not accept the connection: it is starting (downloading or "
+                                       "loading the model), restarting, or down.") from None
         except HTTPError:
             raise upstream_unavailable("vLLM is not reachable (starting, restarting or down).") from None
         if response.status in (502, 503, 504):

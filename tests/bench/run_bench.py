@@ -140,7 +140,7 @@ class Stack:
             "DCE_OPEN_MODE": "false", "DCE_MODEL_ALIASES": "", "DCE_API_KEYS_FILE": "",
             "DCE_RATELIMIT_STORAGE_URI": "memory://", "DCE_PROXY_WORKERS": "1",
             "DCE_PROXY_WORKER_CONNECTIONS": "4096", "DCE_LOG_LEVEL": "info",
-            "DCE_PROXY_GRACEFUL_TIMEOUT": "5",
+            "DCE_STOP_GRACE_SECONDS": "5",
         }
         gunicorn = VENV_BIN / "gunicorn"
         self._spawn("proxy", [str(gunicorn) if gunicorn.exists() else "gunicorn", "-c", "gunicorn.conf.py"],

@@ -95,6 +95,12 @@ class Stack:
         assert result.exit_code == 0, result.output
         return int(result.output)
 
+    def follow_caddy(self) -> None:
+        """After Caddy restarted: it may have another random loopback port."""
+        caddy = self.container("caddy")
+        caddy.reload()
+        self.https_port = int(caddy.attrs["NetworkSettings"]["Ports"]["443/tcp"][0]["HostPort"])
+
     def proxy_metrics(self) -> str:
         """The proxy's Prometheus metrics, from its own container (the port is not published)."""
         result = self.container("proxy").exec_run(["python3", "-m", "dce_proxy.report", "metrics"])  # as `make metrics`
@@ -139,6 +145,8 @@ def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Pat
         f"VLLM_API_KEY_SECRET={vllm_key}",
         f"LIMITS_PASSWORD_SECRET={limits_password}",
         "DCE_MAX_CONCURRENT=20",
+        # A stop waits this long for running streams (the suite's own stop included).
+        "DCE_STOP_GRACE_SECONDS=120",
         # The rate limits are tested in the unit suite; here they must not get in the way.
         "DCE_RATE_LIMIT=100000/minute",
         "DCE_AUTH_FAILURE_LIMIT=100000/minute",

@@ -35,6 +35,8 @@ def test_production_compose_publishes_only_caddy():
     assert {name: services["vllm"]["environment"].get(name)
             for name in ("VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "HF_HUB_DISABLE_TELEMETRY")} == \
         {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    # The front door opens while vLLM loads: requests then get the proxy's 503 with the reason.
+    assert services["proxy"]["depends_on"]["vllm"]["condition"] == "service_started"
     # The cache's owner runs from the image vLLM already has: no other image to pull.
     assert services["vllm-cache-owner"]["image"] == services["vllm"]["image"]
 
@@ -78,6 +80,14 @@ def test_the_monitoring_profile_answers_on_this_host_only_and_keeps_its_data():
     assert {volume["source"] for volume in prometheus["volumes"] if volume["type"] == "volume"} == {"prometheus_data"}
     assert "backend" in prometheus["networks"]  # where the proxy's and vLLM's metrics are
     assert {name for name, service in services.items() if service.get("ports")} == {"caddy", "prometheus"}
+
+
+def test_every_service_of_every_profile_rotates_its_log():
+    files = ("compose.yaml", "compose.cpu.yaml", "compose.scale.yaml", "compose.monitoring.yaml")
+    services = {**_config(*files[:1], *files[2:])["services"], **_config(*files)["services"]}
+    assert {"caddy", "proxy", "vllm", "vllm-cache-owner", "limits", "prometheus"} <= services.keys()
+    for name, service in services.items():
+        assert service.get("logging") == {"driver": "json-file", "options": {"max-size": "10m", "max-file": "5"}}, name
 
 
 # Read by the proxy but set by the compose files' own wiring (or, DCE_API_KEYS, meant for other

@@ -223,9 +223,7 @@ def test_caddy_restart_keeps_its_certificates(stack):
     before = certificate()
     caddy = stack.container("caddy")
     caddy.restart(timeout=10)
-    caddy.reload()
-    # A restarted container may get another random loopback port.
-    stack.https_port = int(caddy.attrs["NetworkSettings"]["Ports"]["443/tcp"][0]["HostPort"])
+    stack.follow_caddy()
     wait_until(stack.ready, 60, "Caddy to serve again", interval=1)
     assert certificate() == before
     figures.add("faults_survived", 1)
@@ -238,9 +236,7 @@ def test_revoked_key_stays_revoked_and_config_survives_a_whole_stack_restart(sta
                                  if not line.startswith("other:")))
     certificate_before = ssl.get_server_certificate(("localhost", stack.https_port))
     subprocess.run(stack.compose.compose_command_property + ["restart"], check=True, cwd=stack.compose.context)
-    caddy = stack.container("caddy")
-    caddy.reload()
-    stack.https_port = int(caddy.attrs["NetworkSettings"]["Ports"]["443/tcp"][0]["HostPort"])
+    stack.follow_caddy()
     wait_until(stack.ready, 300, "the stack to serve again", interval=1)
     with stack.session() as session:
         def models(key):

@@ -140,7 +140,7 @@ class ProxyServer:
         full_env["PROMETHEUS_MULTIPROC_DIR"] = str(log_dir / f"metrics-{self.port}")
         full_env["PYTHONPATH"] = str(PROXY_DIR)
         full_env["PYTHONUNBUFFERED"] = "1"
-        full_env.setdefault("DCE_PROXY_GRACEFUL_TIMEOUT", "1")  # teardown must not wait for streams
+        full_env.setdefault("DCE_STOP_GRACE_SECONDS", "1")  # teardown must not wait for streams
         self._stderr = open(self.stderr_path, "wb")
         self._stdout = open(self.stdout_path, "wb")
         self.proc = subprocess.Popen(

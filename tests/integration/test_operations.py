@@ -1,0 +1,169 @@
+"""Day-2 operations cost the users nothing (issue 14): keys change while a batch runs, and a stop
+lets running streams finish."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from stack import REPO
+from vllm_metrics import RUNNING, WAITING, VllmMetrics, idle
+from wire import extension_body, post_like_extension, wait_until
+
+BATCH = 10
+GENERATED = "vllm:generation_tokens_total"
+_DOCKER_STOP_TIMEOUT = 10
+# Long enough that vLLM is seen generating every tab (it makes thousands of tokens a second here).
+_DRAINED_TOKENS = 5000  # seconds Docker waits for a container to stop when nothing else is set
+
+
+def _keys_sh(stack, *args: str) -> subprocess.CompletedProcess:
+    """`make key-add` / `make key-revoke` on the test stack's key file."""
+    return subprocess.run(["bash", "scripts/keys.sh", *args], cwd=REPO, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "DCE_API_KEYS_SECRET": str(stack.keys_file)})
+
+
+def _statuses(stack, key: str, count: int) -> list[int]:
+    """`count` requests, each on a new connection: both proxy workers get some."""
+    statuses = []
+    for _ in range(count):
+        with stack.session() as session:
+            statuses.append(session.get(f"{stack.base}/v1/models", headers={"X-API-Key": key}, timeout=30).status_code)
+    return statuses
+
+
+def test_a_key_added_and_revoked_while_a_batch_runs_costs_no_request(stack):
+    seen: list[int] = []  # every answer of a client that keeps asking meanwhile
+    done = threading.Event()
+
+    def keep_asking():
+        with stack.session() as session:
+            while not done.is_set():
+                seen.append(session.get(f"{stack.base}/v1/models", headers={"X-API-Key": stack.key},
+                                        timeout=30).status_code)
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    try:
+        batch = _Batch(stack, max_tokens=1000)
+        added = _keys_sh(stack, "add", "newcomer")
+        assert added.returncode == 0, added.stderr
+        (new_key,) = added.stdout.split()
+        # Every worker reads the file again within a second of the change.
+        wait_until(lambda: _statuses(stack, new_key, 6) == [200] * 6, 30, "the new key to work in every worker",
+                   interval=0.5)
+        revoked = _keys_sh(stack, "revoke", "newcomer")
+        assert revoked.returncode == 0, revoked.stderr
+        wait_until(lambda: _statuses(stack, new_key, 6) == [401] * 6, 30, "the revoked key to get 401 everywhere",
+                   interval=0.5)
+        results = batch.results()
+    finally:
+        done.set()
+        asker.join(60)
+    assert _all_complete(results), results
+    assert seen and set(seen) == {200}, sorted(set(seen))  # nobody else noticed
+
+
+class _Batch:
+    """The extension's batch of tabs, sent at once on the curator's key."""
+
+    def __init__(self, stack, max_tokens: int):
+        url = f"{stack.base}/k/{stack.key}/api/dce/proxy"
+        self._pool = ThreadPoolExecutor(BATCH)
+        self._tabs = [self._pool.submit(post_like_extension, stack.session(), url,
+                                        extension_body(f"Tab {i}.", max_tokens=max_tokens, ignore_eos=True))
+                      for i in range(BATCH)]
+
+    def ended(self) -> list:
+        return [tab.result() for tab in self._tabs if tab.done()]
+
+    def results(self) -> list:
+        results = [tab.result() for tab in self._tabs]
+        self._pool.shutdown()
+        return results
+
+
+def _stop(stack, *services: str) -> subprocess.Popen:
+    return subprocess.Popen(stack.compose.compose_command_property + ["stop", *services], cwd=stack.compose.context,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _start_again(stack, *services: str) -> None:
+    subprocess.run(stack.compose.compose_command_property + ["start", *services], cwd=stack.compose.context,
+                   check=True, capture_output=True, timeout=600)
+    stack.follow_caddy()
+    wait_until(stack.ready, 300, "the stack to serve again", interval=1)
+
+
+def _caddy_answers(stack) -> bool:
+    """Caddy takes new requests (the proxy's /healthz, which needs no vLLM)."""
+    with stack.session() as session:
+        try:
+            return session.get(f"{stack.base}/healthz", timeout=5).status_code == 200
+        except OSError:
+            return False
+
+
+def _unpaused(container) -> None:
+    container.reload()
+    if container.status == "paused":
+        container.unpause()
+
+
+def _all_complete(results) -> bool:
+    return all(r.status == 200 and r.failure is None and r.finish_reason == "length" for r in results)
+
+
+@pytest.mark.disruptive
+def test_stopping_the_stack_lets_running_streams_finish(stack):
+    vllm = stack.container("vllm")
+    vllm.pause()  # every tab's whole answer is still to generate when the stop begins
+    try:
+        batch = _Batch(stack, max_tokens=300)
+        wait_until(lambda: stack.live_slot_leases("curator") == BATCH or batch.ended(), 120,
+                   "the proxy to hold every tab", interval=0.5)
+        stop = _stop(stack)
+        # Caddy stopped taking new requests: it is draining, every tab still open...
+        wait_until(lambda: not _caddy_answers(stack), 60, "Caddy to stop taking new requests", interval=0.5)
+        assert not batch.ended(), batch.ended()
+        # ...and still is past Docker's own 10 s stop timeout, which used to kill it. The one wait for
+        # an amount of time in this test: that duration is the condition under test.
+        time.sleep(_DOCKER_STOP_TIMEOUT + 5)
+        _unpaused(vllm)
+        # vLLM generates every tab, through the draining stack, before the stack stops.
+        results = batch.results()
+        output, _ = stop.communicate(timeout=600)
+        assert stop.returncode == 0, output
+        assert _all_complete(results), results
+    finally:
+        _unpaused(vllm)
+        _start_again(stack)
+
+
+@pytest.mark.disruptive
+def test_stopping_vllm_lets_its_running_generations_finish(stack):
+    vllm = stack.container("vllm")
+    try:
+        with VllmMetrics(stack, [RUNNING, WAITING, GENERATED]) as metrics:
+            before = metrics.wait_for(idle, 120, "vLLM idle before the batch").values[GENERATED]
+            batch = _Batch(stack, max_tokens=_DRAINED_TOKENS)
+            generating = metrics.wait_for(lambda sample: sample.values[RUNNING] == BATCH, 120,
+                                          "vLLM generating every tab")
+            vllm.pause()
+        # What vLLM had made by the last sample before the pause: the rest is left for the drain.
+        assert generating.values[GENERATED] - before < BATCH * _DRAINED_TOKENS
+        # Docker unpauses a paused container to stop it: vLLM gets its SIGTERM with every tab
+        # mid-way, and lets them finish (--shutdown-timeout) rather than aborting them.
+        stop = _stop(stack, "vllm")
+        results = batch.results()
+        output, _ = stop.communicate(timeout=600)
+        assert stop.returncode == 0, output
+        assert _all_complete(results), results
+    finally:
+        _unpaused(vllm)
+        _start_again(stack, "vllm")
