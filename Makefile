@@ -19,7 +19,7 @@ help: ## List the targets
 up: ## Start the stack (checks prerequisites; CPU profile when there is no NVIDIA GPU)
 	@scripts/up.sh
 
-down: ## Stop the stack (certificates and the model cache are kept)
+down: ## Stop the stack: running streams finish first (DCE_STOP_GRACE_SECONDS); certificates and models are kept
 	docker compose down --remove-orphans
 
 logs: ## Follow the logs of all services
@@ -28,7 +28,7 @@ logs: ## Follow the logs of all services
 ps: ## Show the services and their health
 	docker compose ps
 
-restart-proxy: ## Restart the proxy (cuts its streams; keeps the settings it started with)
+restart-proxy: ## Restart the proxy with its settings: its streams finish first, new requests get 502 meanwhile
 	docker compose restart proxy
 
 keys: ## List the API key names (the keys stay in their file)

@@ -23,6 +23,16 @@ set_env_value() {
     printf '\n# Set by `make up` for this host.\n%s=%s\n' "$1" "$2" >> .env
   fi
 }
+# Renamed: one grace for every service's stop, not only the proxy's.
+if [[ -n $(env_value DCE_PROXY_GRACEFUL_TIMEOUT) && -z $(env_value DCE_STOP_GRACE_SECONDS) ]]; then
+  set_env_value DCE_STOP_GRACE_SECONDS "$(env_value DCE_PROXY_GRACEFUL_TIMEOUT)"
+  say "DCE_PROXY_GRACEFUL_TIMEOUT is now DCE_STOP_GRACE_SECONDS (for Caddy and vLLM too): set to its value in .env"
+fi
+grace=$(env_value DCE_STOP_GRACE_SECONDS)
+if [[ -n $grace && ! $grace =~ ^[0-9]+$ ]]; then
+  say "DCE_STOP_GRACE_SECONDS in .env is '$grace': it must be a whole number of seconds"
+  exit 1
+fi
 keys_file=$(env_value DCE_API_KEYS_SECRET); keys_file=${keys_file:-./secrets/dce_api_keys}
 token_file=$(env_value HF_TOKEN_SECRET); token_file=${token_file:-./secrets/hf_token}
 vllm_key_file=$(env_value VLLM_API_KEY_SECRET); vllm_key_file=${vllm_key_file:-./secrets/vllm_api_key}

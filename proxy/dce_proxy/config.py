@@ -176,7 +176,11 @@ def _parse_keys(entries: Iterable[str], source: str) -> list[ApiKey]:
 
 
 def read_keys_file(path: str) -> list[ApiKey]:
-    return _parse_keys(_read_file(path, "DCE_API_KEYS_FILE").splitlines(), "DCE_API_KEYS_FILE")
+    return parse_keys_file(_read_file(path, "DCE_API_KEYS_FILE"))
+
+
+def parse_keys_file(text: str) -> list[ApiKey]:
+    return _parse_keys(text.splitlines(), "DCE_API_KEYS_FILE")
 
 
 def _read_secret(path: str, name: str) -> str:

@@ -90,6 +90,16 @@ def test_every_service_of_every_profile_rotates_its_log():
         assert service.get("logging") == {"driver": "json-file", "options": {"max-size": "10m", "max-file": "5"}}, name
 
 
+def test_one_stop_grace_for_every_service_that_streams():
+    for files in (("compose.yaml",), ("compose.yaml", "compose.cpu.yaml")):
+        services = _config(*files)["services"]
+        assert {name: services[name]["stop_grace_period"] for name in ("caddy", "proxy", "vllm")} == \
+            dict.fromkeys(("caddy", "proxy", "vllm"), "10m0s"), files
+        assert services["caddy"]["environment"]["DCE_STOP_GRACE"] == "600s"  # Caddy's grace_period
+        assert services["proxy"]["environment"]["DCE_STOP_GRACE_SECONDS"] == "600"  # gunicorn's
+        assert "--shutdown-timeout 600" in " ".join(services["vllm"]["command"]), files  # vLLM drains
+
+
 # Read by the proxy but set by the compose files' own wiring (or, DCE_API_KEYS, meant for other
 # deployments: keys come from a secret file here), not settings an operator chooses in .env.
 _WIRED = {"VLLM_URL", "VLLM_API_KEY_FILE", "DCE_API_KEYS", "DCE_API_KEYS_FILE", "DCE_PROXY_BIND",

@@ -42,6 +42,26 @@ def test_a_key_added_and_one_revoked_in_place_hold_at_the_next_check(key_file):
     assert ring.keys() == (ApiKey("new", NEW.encode()),)
 
 
+def test_a_file_caught_half_written_is_never_read(key_file):
+    # A rewrite in place truncates the file first, then writes it, maybe in pieces: a worker may
+    # look in between. Nothing fresh is read before it ends with a line break.
+    ring = _ring(key_file)
+    for half in ("", f"old:{OLD}\nnew:{NEW[:18]}"):
+        key_file.write_text(half)
+        assert _names(ring) == ["old"], half
+    key_file.write_text(f"old:{OLD}\nnew:{NEW}\n")
+    assert _names(ring) == ["old", "new"]
+
+
+def test_a_file_without_a_last_line_break_is_read_once_it_is_not_fresh(key_file):
+    ring = _ring(key_file)
+    key_file.write_text(f"new:{NEW}")  # as some editors save
+    assert _names(ring) == ["old"]
+    written = key_file.stat().st_mtime - 5
+    os.utime(key_file, (written, written))
+    assert _names(ring) == ["new"]
+
+
 def test_a_replaced_file_is_read_too(key_file, tmp_path):
     ring = _ring(key_file)
     replacement = tmp_path / "edited"
@@ -50,8 +70,9 @@ def test_a_replaced_file_is_read_too(key_file, tmp_path):
     assert _names(ring) == ["new"]
 
 
-@pytest.mark.parametrize("broken", ["short:abc\n", None])
-def test_a_file_that_cannot_be_used_keeps_the_keys_in_force(key_file, broken, caplog):
+@pytest.mark.parametrize("broken, why", [("short:abc\n", "shorter than"), ("# all revoked\n", "holds no key"),
+                                         (None, None)])
+def test_a_file_that_cannot_be_used_keeps_the_keys_in_force(key_file, broken, why, caplog):
     ring = _ring(key_file)
     if broken is None:
         key_file.unlink()
@@ -59,12 +80,12 @@ def test_a_file_that_cannot_be_used_keeps_the_keys_in_force(key_file, broken, ca
         key_file.write_text(broken)
     assert _names(ring) == ["old"]
     if broken is not None:
-        assert "cannot be used" in caplog.text and "abc" not in caplog.text  # never the key
+        assert "cannot be used" in caplog.text and why in caplog.text and "abc" not in caplog.text  # never a key
 
 
 def test_inline_keys_stay_whatever_the_file_says(key_file):
     ring = _ring(key_file, DCE_API_KEYS=f"inline:{NEW}")
-    key_file.write_text("")
+    key_file.write_text("\n")
     assert _names(ring) == ["inline"]
 
 
@@ -102,3 +123,15 @@ def test_make_key_add_and_revoke_change_the_file_in_place_and_show_the_key_once(
     assert _keys_sh(key_file, "list").stdout.split() == ["alice"]
     assert _keys_sh(key_file, "revoke", "nobody").returncode == 1
     assert _keys_sh(key_file, "add", "no spaces").returncode == 2
+
+
+def test_make_key_add_keeps_a_last_line_without_its_line_break(key_file):
+    key_file.write_text(f"old:{OLD}")  # as some editors save
+    assert _keys_sh(key_file, "add", "alice").returncode == 0
+    assert [line.split(":")[0] for line in key_file.read_text().splitlines()] == ["old", "alice"]
+
+
+def test_make_key_revoke_keeps_the_last_key(key_file):
+    refused = _keys_sh(key_file, "revoke", "old")
+    assert refused.returncode == 1 and "only key" in refused.stderr
+    assert key_file.read_text() == f"old:{OLD}\n"

@@ -75,6 +75,18 @@ def test_an_earlier_local_choice_is_kept_and_recorded(checkout):
     assert "DCE_IMAGES=local, recorded in .env" in result.stdout
 
 
+def test_the_old_name_of_the_stop_grace_carries_over(checkout):
+    result = _up(checkout, "DCE_IMAGES=local\nDCE_PROXY_GRACEFUL_TIMEOUT=60\nDCE_STOP_GRACE_SECONDS=\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _env(checkout, "DCE_STOP_GRACE_SECONDS")[-1] == "60"
+    assert "is now DCE_STOP_GRACE_SECONDS" in result.stdout
+
+
+def test_a_stop_grace_that_is_not_a_number_of_seconds_stops_with_a_reason(checkout):
+    result = _up(checkout, "DCE_IMAGES=local\nDCE_STOP_GRACE_SECONDS=10m\n")
+    assert result.returncode == 1 and "whole number of seconds" in result.stdout
+
+
 def test_an_unknown_image_source_stops_with_a_reason(checkout):
     result = _up(checkout, "DCE_IMAGES=dockerhub\n")
     assert result.returncode == 1
