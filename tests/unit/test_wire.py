@@ -4,11 +4,14 @@ live sockets (a tiny server that goes silent)."""
 import json
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import requests
 
-from wire import extension_body, parse_sse, post_like_extension, read_extension_body, wait_until
+from wire import PROXY_UNREACHABLE, extension_body, parse_sse, post_like_extension, read_extension_body, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def chunk(finish="<null>", **delta) -> str:
@@ -48,8 +51,11 @@ def test_comments_are_counted_as_heartbeats():
     assert parse_sse(body).comments == 2 and parse_sse(body).events[-1] == "[DONE]"
 
 
-def test_non_200_is_a_failed_tab():
+def test_non_200_is_a_failed_tab_and_the_test_is_told_why():
     assert read_extension_body(b'{"error": {}}', status=429).failure == "HTTP 429"
+    caddy = (REPO / "caddy/Caddyfile").read_text().split("handle_errors 502 503 504 {")[1].split("`")[1]
+    failure = read_extension_body(caddy.encode(), status=502).failure
+    assert failure.startswith(PROXY_UNREACHABLE) and "not reachable" in failure
 
 
 def silent_server(first_bytes: bytes):
