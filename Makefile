@@ -68,7 +68,8 @@ test-unit: $(VENV)/.installed ## Fast proxy tests, no Docker
 test-integration: $(VENV)/.installed ## The composed stack with the real vLLM engine, over HTTPS
 	scripts/ensure-docker.sh
 	scripts/build-images.sh
-	$(PYTEST) tests/integration
+	@# The slowest tests are listed at the end: where the suite's minutes go.
+	$(PYTEST) tests/integration --durations=12
 
 # When `make bench` began: run_bench.py's time budget counts the set-up too.
 bench: export DCE_BENCH_STARTED := $(shell date +%s)

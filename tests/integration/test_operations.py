@@ -1,5 +1,5 @@
 """Day-2 operations cost the users nothing (issue 14): keys change while a batch runs, and a stop
-lets running streams finish."""
+lets running streams finish (Caddy's, and vLLM's)."""
 
 from __future__ import annotations
 
@@ -88,13 +88,13 @@ class _Batch:
         return results
 
 
-def _stop(stack, *services: str) -> subprocess.Popen:
-    return subprocess.Popen(stack.compose.compose_command_property + ["stop", *services], cwd=stack.compose.context,
+def _stop(stack, service: str) -> subprocess.Popen:
+    return subprocess.Popen(stack.compose.compose_command_property + ["stop", service], cwd=stack.compose.context,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _start_again(stack, *services: str) -> None:
-    subprocess.run(stack.compose.compose_command_property + ["start", *services], cwd=stack.compose.context,
+def _start_again(stack, service: str) -> None:
+    subprocess.run(stack.compose.compose_command_property + ["start", service], cwd=stack.compose.context,
                    check=True, capture_output=True, timeout=600)
     stack.follow_caddy()
     wait_until(stack.ready, 300, "the stack to serve again", interval=1)
@@ -120,14 +120,16 @@ def _all_complete(results) -> bool:
 
 
 @pytest.mark.disruptive
-def test_stopping_the_stack_lets_running_streams_finish(stack):
+def test_stopping_the_front_door_lets_running_streams_finish(stack):
+    # `make down` stops Caddy first (every other service is a dependency of it), and the rest only
+    # once Caddy is gone: what users see of a stop is Caddy's. (Its restart here takes seconds.)
     vllm = stack.container("vllm")
     vllm.pause()  # every tab's whole answer is still to generate when the stop begins
     try:
         batch = _Batch(stack, max_tokens=300)
         wait_until(lambda: stack.live_slot_leases("curator") == BATCH or batch.ended(), 120,
                    "the proxy to hold every tab", interval=0.5)
-        stop = _stop(stack)
+        stop = _stop(stack, "caddy")
         # Caddy stopped taking new requests: it is draining, every tab still open...
         wait_until(lambda: not _caddy_answers(stack), 60, "Caddy to stop taking new requests", interval=0.5)
         assert not batch.ended(), batch.ended()
@@ -135,14 +137,14 @@ def test_stopping_the_stack_lets_running_streams_finish(stack):
         # an amount of time in this test: that duration is the condition under test.
         time.sleep(_DOCKER_STOP_TIMEOUT + 5)
         _unpaused(vllm)
-        # vLLM generates every tab, through the draining stack, before the stack stops.
+        # vLLM generates every tab, through the draining Caddy, before Caddy stops.
         results = batch.results()
         output, _ = stop.communicate(timeout=600)
         assert stop.returncode == 0, output
         assert _all_complete(results), results
     finally:
         _unpaused(vllm)
-        _start_again(stack)
+        _start_again(stack, "caddy")
 
 
 @pytest.mark.disruptive
