@@ -7,6 +7,7 @@ import pytest
 
 from machine import Watch
 from stack import REPO, Stack, start_stack
+from wire import wait_until
 
 LOG_FILE = REPO / ".test-stack.log"
 
@@ -29,6 +30,16 @@ def pytest_terminal_summary(terminalreporter):
 def pytest_collection_modifyitems(items):
     # Tests that kill or restart services run last, so the others see a calm stack.
     items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+
+
+@pytest.fixture(autouse=True)
+def _stack_serving(request):
+    """Each test that uses the stack starts from a stack that serves: a test before it that
+    restarted a service need not wait for it to come back (the last one then never waits)."""
+    if "stack" in request.fixturenames:
+        stack = request.getfixturevalue("stack")
+        wait_until(stack.ready, 300, "the stack to serve again after an earlier test restarted part of it",
+                   interval=1)
 
 
 @pytest.fixture()
