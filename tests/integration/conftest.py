@@ -6,7 +6,7 @@ import figures
 import pytest
 
 from machine import Watch
-from stack import REPO, Stack, start_stack
+from stack import REPO, Stack, remove_stack, start_stack
 from wire import wait_until
 
 LOG_FILE = REPO / ".test-stack.log"
@@ -19,7 +19,7 @@ def stack(tmp_path_factory) -> Stack:
     # Kept for reading after a failure: the stack and its logs are gone once it stops.
     stdout, stderr = stack.compose.get_logs()
     LOG_FILE.write_text(stdout + stderr)
-    stack.compose.stop()
+    remove_stack(stack.compose)
 
 
 def pytest_terminal_summary(terminalreporter):
