@@ -83,11 +83,22 @@ class Stack:
 
     def ready(self) -> bool:
         """Whether the whole chain answers: Caddy, the proxy and vLLM (/readyz through Caddy)."""
+        return self.answers("/readyz")
+
+    def answers(self, path: str) -> bool:
+        """Whether a GET of `path` through Caddy gets a 200."""
         with self.session() as session:
             try:
-                return session.get(f"{self.base}/readyz", timeout=5).status_code == 200
+                return session.get(f"{self.base}{path}", timeout=5).status_code == 200
             except OSError:
                 return False
+
+    def unpause(self, service: str) -> None:
+        """Unpauses a service a test paused, if it still is."""
+        container = self.container(service)
+        container.reload()
+        if container.status == "paused":
+            container.unpause()
 
     def live_slot_leases(self, key_name: str) -> int:
         """Generation slots a key holds right now, across every proxy worker (Redis)."""

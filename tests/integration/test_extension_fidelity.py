@@ -112,9 +112,7 @@ def test_a_tab_over_the_cap_waits_for_a_slot_then_completes(stack):
     finally:
         if holders is not None:
             holders.close_all()  # their slots come free: the waiting tab goes on
-        vllm.reload()
-        if vllm.status == "paused":
-            vllm.unpause()
+        stack.unpause("vllm")
     (result,) = waiting.results()
     assert result.status == 200 and result.failure is None, result
     # Its text: the tiny model thinks first (the extension asks for reasoning_effort).
@@ -145,9 +143,7 @@ def test_a_silent_engine_for_longer_than_the_extensions_timeout_loses_no_tab(sta
         # tolerates is the condition under test (as a long prefill or a full queue looks from outside).
         time.sleep(SILENCE_LIMIT + 5)
     finally:
-        vllm.reload()
-        if vllm.status == "paused":
-            vllm.unpause()
+        stack.unpause("vllm")
     # The engine goes on: every tab gets tokens again, then the test closes it like the stop button.
     shown = [len(live.content + live.reasoning) if live else 0 for live in tabs.live]
     wait_until(lambda: tabs.ended() or all(live and len(live.content + live.reasoning) > before

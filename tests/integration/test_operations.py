@@ -100,19 +100,12 @@ def _start_again(stack, service: str) -> None:
     stack.follow_caddy()
 
 
-def _caddy_answers(stack) -> bool:
-    """Caddy takes new requests (the proxy's /healthz, which needs no vLLM)."""
-    with stack.session() as session:
-        try:
-            return session.get(f"{stack.base}/healthz", timeout=5).status_code == 200
-        except OSError:
-            return False
-
-
-def _unpaused(container) -> None:
-    container.reload()
-    if container.status == "paused":
-        container.unpause()
+def _results_once_stopped(batch: _Batch, stop: subprocess.Popen) -> list:
+    """The batch's results once every tab and the stop have ended (the stop succeeded)."""
+    results = batch.results()
+    output, _ = stop.communicate(timeout=600)
+    assert stop.returncode == 0, output
+    return results
 
 
 def _all_complete(results) -> bool:
@@ -130,20 +123,19 @@ def test_stopping_the_front_door_lets_running_streams_finish(stack):
         wait_until(lambda: stack.live_slot_leases("curator") == BATCH or batch.ended(), 120,
                    "the proxy to hold every tab", interval=0.5)
         stop = _stop(stack, "caddy")
-        # Caddy stopped taking new requests: it is draining, every tab still open...
-        wait_until(lambda: not _caddy_answers(stack), 60, "Caddy to stop taking new requests", interval=0.5)
+        # Caddy stopped taking new requests (the proxy's /healthz needs no vLLM): it is draining,
+        # every tab still open...
+        wait_until(lambda: not stack.answers("/healthz"), 60, "Caddy to stop taking new requests", interval=0.5)
         assert not batch.ended(), batch.ended()
         # ...and still is past Docker's own 10 s stop timeout, which used to kill it. The one wait for
         # an amount of time in this test: that duration is the condition under test.
         time.sleep(_DOCKER_STOP_TIMEOUT + 5)
-        _unpaused(vllm)
+        stack.unpause("vllm")
         # vLLM generates every tab, through the draining Caddy, before Caddy stops.
-        results = batch.results()
-        output, _ = stop.communicate(timeout=600)
-        assert stop.returncode == 0, output
+        results = _results_once_stopped(batch, stop)
         assert _all_complete(results), results
     finally:
-        _unpaused(vllm)
+        stack.unpause("vllm")
         _start_again(stack, "caddy")
 
 
@@ -162,10 +154,8 @@ def test_stopping_vllm_lets_its_running_generations_finish(stack):
         # Docker unpauses a paused container to stop it: vLLM gets its SIGTERM with every tab
         # mid-way, and lets them finish (--shutdown-timeout) rather than aborting them.
         stop = _stop(stack, "vllm")
-        results = batch.results()
-        output, _ = stop.communicate(timeout=600)
-        assert stop.returncode == 0, output
+        results = _results_once_stopped(batch, stop)
         assert _all_complete(results), results
     finally:
-        _unpaused(vllm)
+        stack.unpause("vllm")
         _start_again(stack, "vllm")
