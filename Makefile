@@ -11,7 +11,7 @@ PIP_TOOLS := pip-tools==7.6.2
 PYTEST := $(VENV)/bin/python -m pytest
 
 .DEFAULT_GOAL := help
-.PHONY: help up down logs ps restart-proxy keys key-add key-revoke metrics usage images lock test test-unit test-integration bench
+.PHONY: help up down logs ps restart-proxy upgrade backup restore keys key-add key-revoke metrics usage images lock test test-unit test-integration bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -30,6 +30,16 @@ ps: ## Show the services and their health
 
 restart-proxy: ## Restart the proxy with its settings: its streams finish first, new requests get 502 meanwhile
 	docker compose restart proxy
+
+upgrade: ## Back up, then fetch or rebuild the images .env names and recreate what changed (each service drains first)
+	@scripts/backup.py backup
+	@DCE_UPGRADE=1 scripts/up.sh
+
+backup: ## Save .env, the secrets and Caddy's CA and certificates in backups/ (owner-only; keep a copy off the host)
+	@scripts/backup.py backup
+
+restore: ## Restore a backup on this host, stack stopped: make restore FILE=backups/dce-backup-….tar.gz
+	@scripts/backup.py restore "$(FILE)"
 
 keys: ## List the API key names (the keys stay in their file)
 	@scripts/keys.sh list

@@ -162,6 +162,16 @@ say "starting (the first start downloads the model: this can take a while)"
 # command then see the same services as this start.
 # The compose files of this host (GPU or CPU profile, one or more proxy workers).
 set_env_value COMPOSE_FILE "$(IFS=:; echo "${files[*]}")"
+if [[ ${DCE_UPGRADE:-} == 1 && $images == registry ]]; then
+  # `make upgrade`: the registry's images named in .env, fetched again (a tag moved, or a new tag).
+  # The CPU engine's image is built here, and the proxy's and Redis's always are (--build).
+  pulled=(caddy)
+  [[ " ${files[*]} " == *" compose.cpu.yaml "* ]] || pulled+=(vllm)
+  [[ " ${files[*]} " != *" compose.monitoring.yaml "* ]] || pulled+=(prometheus)
+  say "upgrade: pulling ${pulled[*]}"
+  docker compose pull "${pulled[@]}"
+fi
+# Recreates only the services whose image or settings changed, each after its graceful stop.
 docker compose up -d --remove-orphans "${build[@]}" --wait --wait-timeout "${DCE_UP_TIMEOUT:-3600}"
 
 port=$(env_value DCE_HTTPS_PORT); port=${port:-443}

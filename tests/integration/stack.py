@@ -53,6 +53,7 @@ class Stack:
     load_keys: list[str]
     keys_file: Path  # the proxy's Compose secret; a test may revoke a key in it
     limits_password: str  # Redis's (compose.scale.yaml)
+    settings_file: Path  # the stack's .env
     project: str = PROJECT
 
     @property
@@ -220,7 +221,7 @@ def start_stack(tmp: Path, *, project: str = PROJECT, compose_files: list[str] =
                       http_port=int(caddy.get_publisher(by_port=80, by_host="127.0.0.1").PublishedPort),
                       ca_file=str(tmp / "caddy-root.crt"), key=key, other_key=other_key, load_keys=load_key_list,
                       keys_file=tmp / "dce_api_keys", limits_password=(tmp / "limits_password").read_text().strip(),
-                      project=project)
+                      settings_file=env_file, project=project)
         _fetch_root_ca(stack, Path(stack.ca_file))
         _wait_ready(stack)
     except BaseException:

@@ -31,12 +31,12 @@ def checkout(tmp_path):
     return tmp_path
 
 
-def _up(checkout: Path, env_lines: str) -> subprocess.CompletedProcess:
+def _up(checkout: Path, env_lines: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     (checkout / ".env").write_text((REPO / ".env.example").read_text() + env_lines)
     # The stubs first: the CPU profile (nvidia-smi finds no GPU), docker recording its calls.
     path = f"{checkout / 'bin'}:{os.path.dirname(shutil.which('python3'))}:/usr/bin:/bin"
     return subprocess.run(["bash", "scripts/up.sh"], cwd=checkout, capture_output=True, text=True,
-                          env={"PATH": path, "HOME": str(checkout)})
+                          env={"PATH": path, "HOME": str(checkout), **(extra_env or {})})
 
 
 def _env(checkout: Path, name: str) -> list[str]:
@@ -92,3 +92,18 @@ def test_an_unknown_image_source_stops_with_a_reason(checkout):
     assert result.returncode == 1
     assert "must be registry or local" in result.stdout
     assert not (checkout / "docker").exists() or "up -d" not in (checkout / "docker").read_text()
+
+
+def test_an_upgrade_pulls_the_registrys_images_the_host_runs_then_recreates_what_changed(checkout):
+    result = _up(checkout, "DCE_IMAGES=registry\nDCE_MONITORING=true\n", {"DCE_UPGRADE": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = (checkout / "docker").read_text().splitlines()
+    # The CPU profile's engine image is built here: not pulled.
+    pull = calls.index("compose pull caddy prometheus")
+    assert calls[pull + 1].startswith("compose up -d --remove-orphans --build --wait")
+
+
+def test_a_plain_start_pulls_nothing(checkout):
+    result = _up(checkout, "DCE_IMAGES=registry\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not any(" pull" in call for call in (checkout / "docker").read_text().splitlines())
