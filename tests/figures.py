@@ -13,7 +13,7 @@ NAMES = {
     "faults_survived": "faults survived",
     "stream_seconds": "streams x seconds held",
     "bytes_compared": "bytes compared",
-    "secrets_in_logs": "secrets found in logs",
+    "keys_in_logs": "keys found in logs (every key form the proxy accepts)",
     "auth_failures_refused": "unauthenticated requests refused by the limiter",
     # A step that retries (e.g. an abort whose samples could not tell) adds its attempts beyond the first.
     "retries": "retries needed",

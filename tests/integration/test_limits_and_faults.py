@@ -20,6 +20,7 @@ from stack import LONG_STREAM_TOKENS
 from wire import extension_body, open_held_tab, post_like_extension, wait_until
 
 CAP = 20  # DCE_MAX_CONCURRENT in the test stack (the default)
+BATCH = 10  # the extension fires one request per tab
 
 
 def test_three_times_the_concurrency_cap_admits_exactly_the_cap(stack):
@@ -117,7 +118,7 @@ def test_vllm_killed_mid_stream_ends_streams_then_recovers_without_proxy_restart
     url = f"{stack.base}/k/{stack.key}/api/dce/proxy"
     # Streams that cannot end before the kill: only the kill ends them.
     body = extension_body("Keep going.", max_tokens=LONG_STREAM_TOKENS, ignore_eos=True)
-    streaming = [threading.Event() for _ in range(3)]
+    streaming = [threading.Event() for _ in range(BATCH)]  # the extension's batch of tabs
     given_up = threading.Event()  # the test stopped waiting: each stream closes on its next bytes
     timeline = {}  # when each stream was sent, saw its first chunk and ended, and when vLLM was killed
 
@@ -139,9 +140,9 @@ def test_vllm_killed_mid_stream_ends_streams_then_recovers_without_proxy_restart
         streaming[index].set()  # also a stream that failed to start: the test then says why
         return result
 
-    pool = ThreadPoolExecutor(3)
+    pool = ThreadPoolExecutor(BATCH)
     try:
-        futures = [pool.submit(run, i) for i in range(3)]
+        futures = [pool.submit(run, i) for i in range(BATCH)]
         wait_until(lambda: all(started.is_set() for started in streaming), 120, f"the streams to start: {told()}")
         ended = [future.result() for future in futures if future.done()]
         assert not ended, f"streams ended before the kill: {ended}, {told()}"

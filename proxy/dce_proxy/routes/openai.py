@@ -1,4 +1,4 @@
-"""OpenAI-compatible pass-through, so any OpenAI SDK (or the extension pointed at /v1) works."""
+"""OpenAI-compatible pass-through, so any OpenAI SDK works (the extension has its own route, dce.py)."""
 
 from flask import Blueprint, Response, current_app
 
