@@ -108,6 +108,13 @@ class Stack:
         assert result.exit_code == 0, result.output
         return int(result.output)
 
+    def limits_keys(self, pattern: str) -> list[str]:
+        """The limits store's keys that match `pattern` (Redis's SCAN)."""
+        result = self.container("limits").exec_run(["redis-cli", "--scan", "--pattern", pattern],
+                                                   environment={"REDISCLI_AUTH": self.limits_password})
+        assert result.exit_code == 0, result.output
+        return result.output.decode().split()
+
     def follow_caddy(self) -> None:
         """After Caddy restarted: it may have another random loopback port."""
         caddy = self.container("caddy")

@@ -184,6 +184,20 @@ def test_logs_hold_no_key_and_no_prompt(stack, session):
             assert answer not in text, f"answer in {service} logs"
 
 
+def test_a_wrong_key_counts_against_the_callers_own_address_whatever_it_claims(stack, session):
+    # The failed-key limit is per client address, as Caddy saw it: a client cannot pick another
+    # address's budget (X-Forwarded-For), and clients do not share Caddy's own.
+    claimed = "203.0.113.7"
+    response = session.get(f"{stack.base}/v1/models", timeout=30,
+                           headers={"X-API-Key": "wrong-" + stack.key, "X-Forwarded-For": claimed})
+    assert response.status_code == 401, response.text
+    counted = stack.limits_keys("*auth-failures*")
+    assert counted, "no failed key counted in the limits store"
+    caddy = stack.container("caddy").attrs["NetworkSettings"]["Networks"].values()
+    not_the_caller = [claimed, *(network["IPAddress"] for network in caddy)]
+    assert not [key for key in counted for address in not_the_caller if f"/{address}/" in key], counted
+
+
 def test_healthchecks_do_not_flood_the_logs(stack):
     # The stack only came up once every healthcheck had passed, so each ran at least once.
     for service in ("caddy", "proxy"):

@@ -107,3 +107,12 @@ def test_a_plain_start_pulls_nothing(checkout):
     result = _up(checkout, "DCE_IMAGES=registry\n")
     assert result.returncode == 0, result.stdout + result.stderr
     assert not any(" pull" in call for call in (checkout / "docker").read_text().splitlines())
+
+
+def test_the_first_start_makes_a_key_and_says_where_never_what(checkout):
+    result = _up(checkout, "DCE_IMAGES=local\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (line,) = (checkout / "secrets/dce_api_keys").read_text().splitlines()
+    key = line.split(":", 1)[1]
+    assert len(key) >= 32 and key not in result.stdout + result.stderr  # CI logs keep what make up prints
+    assert "secrets/dce_api_keys" in result.stdout
