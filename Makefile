@@ -19,8 +19,8 @@ help: ## List the targets
 up: ## Start the stack (checks prerequisites; CPU profile when there is no NVIDIA GPU)
 	@scripts/up.sh
 
-down: ## Stop the stack: running streams finish first (DCE_STOP_GRACE_SECONDS); certificates and models are kept
-	docker compose down --remove-orphans
+down: ## Stop the stack: new requests get a JSON 503 while running streams finish (DCE_STOP_GRACE_SECONDS); certificates and models are kept
+	@scripts/down.sh $(ARGS)
 
 logs: ## Follow the logs of all services
 	docker compose logs -f --tail 100

@@ -35,7 +35,8 @@ build() {  # TAG CONTEXT [docker build options...]
   local tag=$1 context=$2 start=$SECONDS before log="$work/${1//[:\/]/_}.log"
   shift 2
   before=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
-  if ! docker build --force-rm -t "$tag" --build-arg BASE_IMAGE="$BASE" \
+  # DCE_BUILD_FRESH=1 (make upgrade): every layer again, so Debian's latest security updates go in.
+  if ! docker build --force-rm ${DCE_BUILD_FRESH:+--no-cache} -t "$tag" --build-arg BASE_IMAGE="$BASE" \
       --build-arg EXTRA_CA_CERTS="$EXTRA_CA_CERTS" "$@" "$context" >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "build-images: building $tag failed" >&2

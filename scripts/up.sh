@@ -136,7 +136,8 @@ case $images in
     [[ " ${files[*]} " != *" compose.cpu.yaml "* ]] || needed+=(vllm)
     [[ " ${files[*]} " != *" compose.monitoring.yaml "* ]] || needed+=(prometheus)
     say "DCE_IMAGES=local: bringing ${needed[*]} up to date (scripts/build-images.sh)"
-    scripts/build-images.sh "${needed[@]}"
+    # An upgrade builds every layer again (Debian's security updates); a start reuses the cache.
+    DCE_BUILD_FRESH=${DCE_UPGRADE:-} scripts/build-images.sh "${needed[@]}"
     # In .env, where a plain `docker compose up -d` later finds them too.
     set_env_value CADDY_IMAGE dce-caddy:2.11.7
     set_env_value PROXY_IMAGE dce-proxy:local
@@ -168,10 +169,17 @@ if [[ ${DCE_UPGRADE:-} == 1 && $images == registry ]]; then
   pulled=(caddy)
   [[ " ${files[*]} " == *" compose.cpu.yaml "* ]] || pulled+=(vllm)
   [[ " ${files[*]} " != *" compose.monitoring.yaml "* ]] || pulled+=(prometheus)
-  say "upgrade: pulling ${pulled[*]}"
+  say "upgrade: pulling ${pulled[*]}, and the bases of the images built here"
   docker compose pull "${pulled[@]}"
+  docker compose build --pull
 fi
-# Recreates only the services whose image or settings changed, each after its graceful stop.
+# The front door first: while the model downloads, a user who asks gets the proxy's JSON 503 with
+# its progress. Then the download's progress here, until it ends (at once for a cached model).
+docker compose up -d --remove-orphans "${build[@]}" caddy model-download
+download=$(docker compose ps --all --quiet model-download)
+[[ -z $download ]] || docker logs --follow "$download" 2>&1 | sed -u 's/^/  model-download: /'
+# Everything, recreating only the services whose image or settings changed, each after its
+# graceful stop; a failed download stops here, with its reason above.
 docker compose up -d --remove-orphans "${build[@]}" --wait --wait-timeout "${DCE_UP_TIMEOUT:-3600}"
 
 port=$(env_value DCE_HTTPS_PORT); port=${port:-443}

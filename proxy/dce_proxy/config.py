@@ -47,6 +47,7 @@ class Settings:
     heartbeat_seconds: float = 15.0
     queue_timeout: float = 300.0
     connect_timeout: float = 5.0
+    model_status_file: str = ""  # the model download's state (download_model.py), for the 503's reason
     ratelimit_storage_uri: str = field(default="memory://", repr=False)  # may hold the Redis password
     workers: int = 1
 
@@ -76,6 +77,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         first_byte_timeout=reader.number("DCE_FIRST_BYTE_TIMEOUT", Settings.first_byte_timeout),
         answer_timeout=reader.number("DCE_ANSWER_TIMEOUT", Settings.answer_timeout),
         connect_timeout=reader.number("DCE_CONNECT_TIMEOUT", Settings.connect_timeout),
+        model_status_file=env.get("DCE_MODEL_STATUS_FILE", "").strip(),
         # Below the DCE extension's 60 s socket timeout, or the heartbeats would not keep it open.
         heartbeat_seconds=reader.number("DCE_HEARTBEAT_SECONDS", Settings.heartbeat_seconds, high=55),
         queue_timeout=reader.number("DCE_QUEUE_TIMEOUT", Settings.queue_timeout),

@@ -17,6 +17,7 @@ from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, Re
 
 from .config import Settings
 from .errors import ApiError, upstream_garbage, upstream_timeout, upstream_unavailable
+from .model_status import not_ready_reason
 
 log = logging.getLogger("dce_proxy")
 
@@ -77,6 +78,7 @@ class Upstream:
         self._pool = urllib3.connection_from_url(
             settings.vllm_url, maxsize=2048, block=False, retries=False, timeout=self._timeout,
             socket_options=urllib3.connection.HTTPConnection.default_socket_options + _KEEPALIVE)
+        self._model_status_file = settings.model_status_file
         self._models: ModelInfo | None = None
         self._models_read_at = 0.0
         self._reading: _Reading | None = None  # the model-list read under way, shared by all who ask
@@ -165,10 +167,12 @@ class Upstream:
         except ReadTimeoutError:
             raise upstream_timeout("vLLM did not start answering in time.") from None
         except ConnectTimeoutError:  # also a refused connection (NewConnectionError)
-            raise upstream_unavailable("vLLM did not accept the connection: it is starting (downloading or "
-                                       "loading the model), restarting, or down.") from None
-        except HTTPError:
-            raise upstream_unavailable("vLLM is not reachable (starting, restarting or down).") from None
+            raise upstream_unavailable(not_ready_reason(self._model_status_file) or (
+                "vLLM did not accept the connection: it is starting (loading the model), restarting, "
+                "or down.")) from None
+        except HTTPError:  # also a name that does not resolve: no vLLM container yet
+            raise upstream_unavailable(not_ready_reason(self._model_status_file) or (
+                "vLLM is not reachable (starting, restarting or down).")) from None
         if response.status in (502, 503, 504):
             response.close()
             raise upstream_unavailable(f"vLLM is not ready (HTTP {response.status}).")

@@ -39,6 +39,15 @@ TINY_VOCAB = 2050
 THINK_END_ID = 2049
 # Runs in the limits container: leases of one client's slots that have not lapsed.
 _LIVE_LEASES = "return redis.call('ZCOUNT', KEYS[1], redis.call('TIME')[1], '+inf')"
+# Runs in the limits container: each matching key and its count, whichever window kind keeps it.
+_COUNTS = """local out = {}
+for _, key in ipairs(redis.call('KEYS', ARGV[1])) do
+  local kind = redis.call('TYPE', key).ok
+  local count = kind == 'list' and redis.call('LLEN', key) or kind == 'zset' and redis.call('ZCARD', key)
+                or tonumber(redis.call('GET', key)) or 0
+  table.insert(out, key); table.insert(out, count)
+end
+return out"""
 
 
 @dataclass
@@ -108,12 +117,23 @@ class Stack:
         assert result.exit_code == 0, result.output
         return int(result.output)
 
-    def limits_keys(self, pattern: str) -> list[str]:
-        """The limits store's keys that match `pattern` (Redis's SCAN)."""
-        result = self.container("limits").exec_run(["redis-cli", "--scan", "--pattern", pattern],
+    def limits_counts(self, pattern: str) -> dict[str, int]:
+        """The limits store's counters whose key matches `pattern`, with what each has counted."""
+        result = self.container("limits").exec_run(["redis-cli", "--raw", "EVAL", _COUNTS, "0", pattern],
                                                    environment={"REDISCLI_AUTH": self.limits_password})
         assert result.exit_code == 0, result.output
-        return result.output.decode().split()
+        lines = result.output.decode().split()
+        return {key: int(count) for key, count in zip(lines[::2], lines[1::2])}
+
+    def operator_env(self) -> dict[str, str]:
+        """The environment of `make` on this stack's host (scripts/*.sh, backup.py)."""
+        return operator_env(self.project, self.settings_file)
+
+    def up_again(self) -> None:
+        """After the whole stack stopped (make down): started as it was, its volumes kept."""
+        subprocess.run(self.compose.compose_command_property + ["up", "-d", "--wait"], cwd=self.compose.context,
+                       check=True, capture_output=True, timeout=900)
+        self.follow_caddy()
 
     def follow_caddy(self) -> None:
         """After Caddy restarted: it may have another random loopback port."""
@@ -199,6 +219,12 @@ def _wait_ready(stack: Stack) -> None:
                 last = exc
             time.sleep(1)
     raise AssertionError(f"stack not ready through Caddy: {last}")
+
+
+def operator_env(project: str, settings_file: Path) -> dict[str, str]:
+    """What `make` has on a host: its compose files, its project and its settings file (.env)."""
+    return {**os.environ, "COMPOSE_FILE": ":".join(COMPOSE_FILES), "COMPOSE_PROJECT_NAME": project,
+            "DCE_ENV_FILE": str(settings_file)}
 
 
 def remove_stack(compose: DockerCompose) -> None:

@@ -35,16 +35,25 @@ def test_production_compose_publishes_only_caddy():
     assert {name: services["vllm"]["environment"].get(name)
             for name in ("VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "HF_HUB_DISABLE_TELEMETRY")} == \
         {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    # The front door opens while vLLM loads: requests then get the proxy's 503 with the reason.
-    assert services["proxy"]["depends_on"]["vllm"]["condition"] == "service_started"
-    # The cache's owner runs from the image vLLM already has: no other image to pull.
-    assert services["vllm-cache-owner"]["image"] == services["vllm"]["image"]
+    # The front door opens while the model downloads and vLLM loads: requests then get the proxy's
+    # 503 with the reason, which the download leaves where the proxy reads it.
+    assert "vllm" not in services["proxy"].get("depends_on", {})
+    assert services["vllm"]["depends_on"]["model-download"]["condition"] == "service_completed_successfully"
+    status = services["proxy"]["environment"]["DCE_MODEL_STATUS_FILE"]
+    assert status == services["model-download"]["environment"]["DCE_MODEL_STATUS"]
+    assert {(v["source"], v["target"]) for v in services["proxy"]["volumes"]} & \
+        {(v["source"], v["target"]) for v in services["model-download"]["volumes"]} == {("model_status", "/model-status")}
+    # The download and the cache's owner run from the image vLLM already has: no other image to pull.
+    assert services["vllm-cache-owner"]["image"] == services["model-download"]["image"] == services["vllm"]["image"]
+    assert services["model-download"]["environment"]["DCE_MODEL"] == "openai/gpt-oss-20b"
 
 
 def test_cpu_profile_drops_the_gpu_and_keeps_the_rest():
     services = _config("compose.yaml", "compose.cpu.yaml")["services"]
     assert "deploy" not in services["vllm"]
-    assert services["vllm"]["image"] == services["vllm-cache-owner"]["image"] == "dce-vllm-cpu:0.32.0-tiny"
+    assert services["vllm"]["image"] == services["vllm-cache-owner"]["image"] == \
+        services["model-download"]["image"] == "dce-vllm-cpu:0.32.0-tiny"
+    assert services["model-download"]["environment"]["DCE_MODEL"] == "/models/tiny"  # in the image
     assert {name for name, service in services.items() if service.get("ports")} == {"caddy"}
 
 
@@ -103,7 +112,7 @@ def test_one_stop_grace_for_every_service_that_streams():
 # Read by the proxy but set by the compose files' own wiring (or, DCE_API_KEYS, meant for other
 # deployments: keys come from a secret file here), not settings an operator chooses in .env.
 _WIRED = {"VLLM_URL", "VLLM_API_KEY_FILE", "DCE_API_KEYS", "DCE_API_KEYS_FILE", "DCE_PROXY_BIND",
-          "DCE_RATELIMIT_STORAGE_URI", "DCE_RATELIMIT_PASSWORD_FILE",
+          "DCE_RATELIMIT_STORAGE_URI", "DCE_RATELIMIT_PASSWORD_FILE", "DCE_MODEL_STATUS_FILE",
           "DCE_METRICS_PORT"}  # its default, 9100, is what monitoring/prometheus.yml scrapes
 
 

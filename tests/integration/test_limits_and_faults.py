@@ -230,25 +230,6 @@ def test_caddy_restart_keeps_its_certificates(stack):
     figures.add("faults_survived", 1)
 
 
-@pytest.mark.disruptive
-def test_revoked_key_stays_revoked_and_config_survives_a_whole_stack_restart(stack):
-    keys_file = stack.keys_file
-    keys_file.write_text("".join(line + "\n" for line in keys_file.read_text().splitlines()
-                                 if not line.startswith("other:")))
-    certificate_before = ssl.get_server_certificate(("localhost", stack.https_port))
-    subprocess.run(stack.compose.compose_command_property + ["restart"], check=True, cwd=stack.compose.context)
-    stack.follow_caddy()
-    wait_until(stack.ready, 300, "the stack to serve again", interval=1)
-    with stack.session() as session:
-        def models(key):
-            return session.get(f"{stack.base}/v1/models", headers={"X-API-Key": key}, timeout=10).status_code
-
-        assert models(stack.other_key) == 401  # revoked by editing the key file and restarting
-        assert models(stack.key) == 200
-    assert ssl.get_server_certificate(("localhost", stack.https_port)) == certificate_before
-    figures.add("faults_survived", 1)
-
-
 def test_a_full_limits_store_drops_old_counters_instead_of_refusing_requests(stack, session):
     # What a flood of distinct client addresses leaves behind (open mode counts per address):
     # lapsing counters of 1 kB, in batches (Redis checks its memory before each command, not inside

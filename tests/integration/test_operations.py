@@ -1,15 +1,18 @@
 """Day-2 operations cost the users nothing (issue 14): keys change while a batch runs, and a stop
-lets running streams finish (Caddy's, and vLLM's)."""
+lets running streams finish (make down's, Caddy's, and vLLM's) while new requests are told why."""
 
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import figures
 import pytest
+import requests
 
 from stack import REPO
 from vllm_metrics import RUNNING, WAITING, VllmMetrics, idle
@@ -110,6 +113,56 @@ def _results_once_stopped(batch: _Batch, stop: subprocess.Popen) -> list:
 
 def _all_complete(results) -> bool:
     return all(r.status == 200 and r.failure is None and r.finish_reason == "length" for r in results)
+
+
+def _told_the_stack_is_stopping(stack) -> dict | None:
+    """A new request's answer, if it is the stop's JSON 503 with Retry-After."""
+    with stack.session() as session:
+        try:  # before the stop, the request waits on the paused vLLM: not yet
+            response = session.get(f"{stack.base}/v1/models", headers={"X-API-Key": stack.key}, timeout=5)
+        except requests.RequestException:
+            return None
+    if response.status_code == 503 and response.json()["error"]["code"] == "stack_stopping":
+        return {"retry_after": int(response.headers["Retry-After"]), **response.json()["error"]}
+    return None
+
+
+@pytest.mark.disruptive
+def test_make_down_tells_new_requests_why_while_running_streams_finish_and_up_keeps_the_settings(stack):
+    # A key revoked by editing the key file (as make key-revoke does) must stay revoked, and the
+    # certificate the clients trust must stay, across a stop and a start of the whole stack.
+    stack.keys_file.write_text("".join(line + "\n" for line in stack.keys_file.read_text().splitlines()
+                                       if not line.startswith("other:")))
+    certificate_before = ssl.get_server_certificate(("localhost", stack.https_port))
+    vllm = stack.container("vllm")
+    vllm.pause()  # every tab's whole answer is still to generate when the stop begins
+    down = None
+    try:
+        batch = _Batch(stack, max_tokens=300)
+        wait_until(lambda: stack.live_slot_leases("curator") == BATCH or batch.ended(), 120,
+                   "the proxy to hold every tab", interval=0.5)
+        down = subprocess.Popen(["bash", "scripts/down.sh"], cwd=REPO, env=stack.operator_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # A user who asks now gets the reason from a front door that still listens, not a refusal.
+        told = wait_until(lambda: _told_the_stack_is_stopping(stack), 120, "a new request to be told of the stop",
+                          interval=0.5)
+        assert told["retry_after"] > 0 and "stopping" in told["message"], told
+        assert not batch.ended(), batch.ended()
+        stack.unpause("vllm")
+        # vLLM generates every tab before anything stops; then the stack goes down.
+        results = _results_once_stopped(batch, down)
+        assert _all_complete(results), results
+        assert not stack.answers("/healthz")
+    finally:
+        if down is None or down.poll() is None:  # a failure midway: the stop still needs its streams to end
+            stack.unpause("vllm")
+        if down is not None and down.poll() is None:
+            down.communicate(timeout=600)
+        stack.up_again()
+    wait_until(stack.ready, 300, "the stack to serve again", interval=1)
+    assert _statuses(stack, stack.other_key, 1) == [401] and _statuses(stack, stack.key, 1) == [200]
+    assert ssl.get_server_certificate(("localhost", stack.https_port)) == certificate_before
+    figures.add("faults_survived", 1)
 
 
 @pytest.mark.disruptive

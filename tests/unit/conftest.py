@@ -137,7 +137,8 @@ class ProxyServer:
         full_env["DCE_PROXY_BIND"] = f"127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
         full_env["DCE_METRICS_PORT"] = self.metrics_url.rsplit(":", 1)[1].split("/")[0]
-        full_env["PROMETHEUS_MULTIPROC_DIR"] = str(log_dir / f"metrics-{self.port}")
+        self.metrics_dir = log_dir / f"metrics-{self.port}"
+        full_env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         full_env["PYTHONPATH"] = str(PROXY_DIR)
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.setdefault("DCE_STOP_GRACE_SECONDS", "1")  # teardown must not wait for streams

@@ -4,7 +4,9 @@ running stack or an altered archive. Docker is a stub whose "volume" is a folder
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import shutil
 import stat
@@ -36,6 +38,8 @@ elif "-cf" in args:
         out.add(volume, arcname=".")
     sys.stdout.buffer.write(buffer.getvalue())
 elif "-xf" in " ".join(args):
+    if os.path.exists(os.path.join(state, "fail")):
+        sys.exit("no space left on device")
     shutil.rmtree(volume)
     os.mkdir(volume)
     with tarfile.open(fileobj=io.BytesIO(sys.stdin.buffer.read())) as archive:
@@ -64,6 +68,15 @@ def host(tmp_path):
     return tmp_path
 
 
+@pytest.fixture()
+def archive(host) -> Path:
+    """A backup of `host`, as make backup takes it."""
+    result = _run(host, "backup")
+    assert result.returncode == 0, result.stderr
+    (path,) = _archives(host, "dce-backup")
+    return path
+
+
 def _run(host: Path, *args: str) -> subprocess.CompletedProcess:
     env = {"PATH": f"{host / 'bin'}:/usr/bin:/bin", "FAKE_DOCKER_STATE": str(host / "docker")}
     return subprocess.run([sys.executable, "scripts/backup.py", *args], cwd=host, capture_output=True, text=True,
@@ -78,6 +91,7 @@ def test_a_backup_holds_the_settings_the_secrets_and_the_ca_readable_by_its_owne
     result = _run(host, "backup")
     assert result.returncode == 0, result.stderr
     (archive,) = _archives(host, "dce-backup")
+    assert "NOT" not in result.stderr  # nothing missing
     assert stat.S_IMODE(archive.stat().st_mode) == 0o600
     assert stat.S_IMODE((host / "backups").stat().st_mode) == 0o700
     with tarfile.open(archive) as tar:
@@ -89,9 +103,7 @@ def test_a_backup_holds_the_settings_the_secrets_and_the_ca_readable_by_its_owne
     assert "alice:k1" not in result.stderr  # it says where the keys are, never what
 
 
-def test_a_restore_on_a_new_host_brings_back_the_same_ca_keys_and_settings(host, tmp_path_factory):
-    assert _run(host, "backup").returncode == 0
-    (archive,) = _archives(host, "dce-backup")
+def test_a_restore_on_a_new_host_brings_back_the_same_ca_keys_and_settings(host, archive, tmp_path_factory):
     # A new host: another checkout, no .env, no secrets, an empty volume.
     new = tmp_path_factory.mktemp("new-host")
     shutil.copytree(host / "scripts", new / "scripts")
@@ -107,9 +119,7 @@ def test_a_restore_on_a_new_host_brings_back_the_same_ca_keys_and_settings(host,
     assert not (new / "backups").exists()  # nothing there to save first
 
 
-def test_a_restore_saves_what_it_replaces_first(host):
-    assert _run(host, "backup").returncode == 0
-    (archive,) = _archives(host, "dce-backup")
+def test_a_restore_saves_what_it_replaces_first(host, archive):
     (host / "secrets/dce_api_keys").write_text("alice:k1\nbob:k2\n")
     (host / "docker/volume" / ROOT_CA).write_text("NEW ROOT")
     result = _run(host, "restore", str(archive))
@@ -123,18 +133,14 @@ def test_a_restore_saves_what_it_replaces_first(host):
         assert volume.extractfile(f"./{ROOT_CA}").read() == b"NEW ROOT"
 
 
-def test_a_restore_refuses_a_running_stack(host):
-    assert _run(host, "backup").returncode == 0
-    (archive,) = _archives(host, "dce-backup")
+def test_a_restore_refuses_a_running_stack(host, archive):
     (host / "docker/running").touch()
     result = _run(host, "restore", str(archive))
     assert result.returncode == 1 and "make down first" in result.stderr, result.stderr
     assert "-xf" not in (host / "docker/calls").read_text()  # the volume was not touched
 
 
-def test_a_restore_refuses_a_cut_or_altered_archive(host):
-    assert _run(host, "backup").returncode == 0
-    (archive,) = _archives(host, "dce-backup")
+def test_a_restore_refuses_a_cut_or_damaged_archive(host, archive):
     cut = host / "cut.tar.gz"
     cut.write_bytes(archive.read_bytes()[:200])
     altered = host / "altered.tar.gz"
@@ -144,7 +150,7 @@ def test_a_restore_refuses_a_cut_or_altered_archive(host):
             if info.name == "secrets/DCE_API_KEYS_SECRET":
                 data, info.size = b"mallory:k9\n", len(b"mallory:k9\n")
             target.addfile(info, io.BytesIO(data))
-    for bad, reason in [(cut, "not a readable backup"), (altered, "does not match"), (host / "none", "no backup at")]:
+    for bad, reason in [(cut, "not a readable backup"), (altered, "cut or damaged"), (host / "none", "no backup at")]:
         result = _run(host, "restore", str(bad))
         assert result.returncode == 1 and reason in result.stderr, result.stderr
     assert (host / "secrets/dce_api_keys").read_text() == "alice:k1\n"
@@ -154,3 +160,53 @@ def test_a_backup_without_settings_says_so(host):
     os.remove(host / ".env")
     result = _run(host, "backup")
     assert result.returncode == 1 and "no settings file" in result.stderr, result.stderr
+
+
+def test_a_restore_fails_midway_and_says_how_to_undo_it(host, archive):
+    (host / "docker/volume" / ROOT_CA).write_text("NEW ROOT")
+    (host / "docker/fail").touch()
+    result = _run(host, "restore", str(archive))
+    (saved,) = _archives(host, "pre-restore")
+    assert result.returncode == 1 and "half restored" in result.stderr and f"FILE={saved}" in result.stderr
+    assert (host / "docker/volume" / ROOT_CA).read_text() == "NEW ROOT"  # the volume comes first: untouched
+
+
+def test_a_restore_writes_secrets_only_inside_the_checkout_or_beside_the_settings(host, archive, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "authorized_keys"
+    crafted = host / "crafted.tar.gz"
+    with tarfile.open(archive) as source:
+        env = source.extractfile("env").read() + f"DCE_API_KEYS_SECRET={elsewhere}\n".encode()
+        manifest = json.loads(source.extractfile("manifest.json").read())
+        manifest["files"]["env"] = hashlib.sha256(env).hexdigest()
+        with tarfile.open(crafted, "w:gz") as target:
+            for info in source.getmembers():
+                data = {"env": env, "manifest.json": json.dumps(manifest).encode()}.get(
+                    info.name, source.extractfile(info).read())
+                info.size = len(data)
+                target.addfile(info, io.BytesIO(data))
+    result = _run(host, "restore", str(crafted))
+    assert result.returncode == 1 and "outside" in result.stderr, result.stderr
+    assert not elsewhere.exists() and not _archives(host, "pre-restore")  # refused before any change
+
+
+def test_a_backup_says_what_it_could_not_take(host):
+    os.remove(host / "secrets/vllm_api_key")
+    os.remove(host / "docker/volume" / ROOT_CA)
+    result = _run(host, "backup")
+    assert result.returncode == 0, result.stderr
+    assert "NOT in the backup: VLLM_API_KEY_SECRET" in result.stderr and "NO internal root CA" in result.stderr
+
+
+def test_restore_without_a_file_asks_which(host):
+    result = _run(host, "restore")
+    assert result.returncode == 1 and "which backup?" in result.stderr, result.stderr
+
+
+def test_settings_are_read_as_compose_reads_them():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import backup
+    finally:
+        sys.path.pop(0)
+    assert backup.env_values("A=./x # a note\nB=\"y # not a note\"\nexport C='z'\n# D=1\nA=./w\n") == \
+        {"A": "./w", "B": "y # not a note", "C": "z"}

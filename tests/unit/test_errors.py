@@ -94,6 +94,25 @@ def test_models_unreachable_is_503(make_app):
     assert r.headers.get("Retry-After")
 
 
+@pytest.mark.parametrize("status, reason", [
+    ({"state": "downloading", "percent": 43, "done_bytes": 5_200_000_000, "total_bytes": 12_100_000_000},
+     "downloading the model: 43 % (5.2 of 12.1 GB)"),
+    ({"state": "failed", "reason": "the Hugging Face hub is not reachable from this host"},
+     "the model download failed: the Hugging Face hub is not reachable from this host"),
+    ({"state": "ready"}, "vLLM did not accept the connection"),
+    (None, "vLLM did not accept the connection"),  # no download step (or its file unreadable)
+])
+def test_vllm_not_there_yet_says_what_the_model_download_says(make_app, tmp_path, status, reason):
+    status_file = tmp_path / "model.json"
+    if status is not None:
+        status_file.write_text(json.dumps(status))
+    app = make_app(VLLM_URL=closed_port_url(), DCE_MODEL_STATUS_FILE=str(status_file))
+    for response in (app.test_client().post("/api/dce/proxy", json=DCE_EXTENSION_BODY, headers=AUTH),
+                     app.test_client().get("/readyz")):
+        error = assert_error(response, 503)
+        assert reason in error["message"] and response.headers["Retry-After"], error
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_answer_later_than_its_timeout_is_504(make_app, fake_vllm, stream):
     c = make_app(DCE_FIRST_BYTE_TIMEOUT="1", DCE_ANSWER_TIMEOUT="1").test_client()

@@ -23,7 +23,8 @@ def checkout(tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()
     for path, body in [(tmp_path / "scripts/ensure-docker.sh", "exit 0"),
-                       (tmp_path / "scripts/build-images.sh", f'echo "$*" >> {tmp_path}/built'),
+                       (tmp_path / "scripts/build-images.sh",
+                        f'echo "$*" >> {tmp_path}/built; echo "${{DCE_BUILD_FRESH:-cached}}" >> {tmp_path}/fresh'),
                        (stubs / "docker", f'echo "$*" >> {tmp_path}/docker'),
                        (stubs / "nvidia-smi", "exit 1")]:  # no GPU, even on a host that has one
         path.write_text(f"#!/bin/sh\n{body}\n")
@@ -100,7 +101,17 @@ def test_an_upgrade_pulls_the_registrys_images_the_host_runs_then_recreates_what
     calls = (checkout / "docker").read_text().splitlines()
     # The CPU profile's engine image is built here: not pulled.
     pull = calls.index("compose pull caddy prometheus")
-    assert calls[pull + 1].startswith("compose up -d --remove-orphans --build --wait")
+    # The proxy's and Redis's bases too (python, debian), then what changed is recreated.
+    assert calls[pull + 1] == "compose build --pull"
+    assert calls[pull + 2:pull + 4] == ["compose up -d --remove-orphans --build caddy model-download",
+                                        "compose ps --all --quiet model-download"]
+    assert calls[pull + 4].startswith("compose up -d --remove-orphans --build --wait")
+
+
+def test_an_upgrade_of_local_images_builds_every_layer_again(checkout):
+    assert _up(checkout, "DCE_IMAGES=local\n").returncode == 0
+    assert _up(checkout, "DCE_IMAGES=local\n", {"DCE_UPGRADE": "1"}).returncode == 0
+    assert (checkout / "fresh").read_text().split() == ["cached", "1"]  # a start uses the cache, an upgrade not
 
 
 def test_a_plain_start_pulls_nothing(checkout):
@@ -116,3 +127,20 @@ def test_the_first_start_makes_a_key_and_says_where_never_what(checkout):
     key = line.split(":", 1)[1]
     assert len(key) >= 32 and key not in result.stdout + result.stderr  # CI logs keep what make up prints
     assert "secrets/dce_api_keys" in result.stdout
+
+
+def test_the_front_door_opens_first_and_the_download_shows_its_progress(checkout):
+    (checkout / "bin/docker").write_text(f"""#!/bin/sh
+echo "$*" >> {checkout}/docker
+case "$*" in
+  "compose ps --all --quiet model-download") echo c0ffee ;;
+  "logs --follow c0ffee") echo "downloading the model: 43 % (5.2 of 12.1 GB)" ;;
+esac
+""")
+    result = _up(checkout, "DCE_IMAGES=local\n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "model-download: downloading the model: 43 % (5.2 of 12.1 GB)" in result.stdout
+    calls = (checkout / "docker").read_text().splitlines()
+    front_door = calls.index("compose up -d --remove-orphans caddy model-download")
+    assert calls[front_door + 1:front_door + 3] == ["compose ps --all --quiet model-download", "logs --follow c0ffee"]
+    assert calls[front_door + 3].startswith("compose up -d --remove-orphans --wait")
