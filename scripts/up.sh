@@ -175,9 +175,10 @@ if [[ ${DCE_UPGRADE:-} == 1 && $images == registry ]]; then
 fi
 # The front door first: while the model downloads, a user who asks gets the proxy's JSON 503 with
 # its progress. Then the download's progress here, until it ends (at once for a cached model).
+started=$(date -u +%Y-%m-%dT%H:%M:%S.%NZ)  # the step's container is reused: only this run's lines
 docker compose up -d --remove-orphans "${build[@]}" caddy model-download
 download=$(docker compose ps --all --quiet model-download)
-[[ -z $download ]] || docker logs --follow "$download" 2>&1 | sed -u 's/^/  model-download: /'
+[[ -z $download ]] || docker logs --follow --since "$started" "$download" 2>&1 | sed -u 's/^/  model-download: /'
 # Everything, recreating only the services whose image or settings changed, each after its
 # graceful stop; a failed download stops here, with its reason above.
 docker compose up -d --remove-orphans "${build[@]}" --wait --wait-timeout "${DCE_UP_TIMEOUT:-3600}"
