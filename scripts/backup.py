@@ -249,7 +249,9 @@ def restore(path: Path) -> list[str]:
     if missing:
         raise Refused(f"the backup's settings name compose files this checkout lacks: {', '.join(missing)}")
     compose = Compose(env_text)
-    if compose.anything_running():
+    # The host's project as its settings name it now, and as the backup's do (they may differ).
+    settings = settings_file()
+    if compose.anything_running() or (settings.is_file() and Compose(settings.read_text()).anything_running()):
         raise Refused("the stack is running: make down first (a restore replaces Caddy's certificates)")
 
     # What the restore replaces, saved before anything changes.

@@ -175,6 +175,10 @@ if [[ ${DCE_UPGRADE:-} == 1 && $images == registry ]]; then
 fi
 # The front door first: while the model downloads, a user who asks gets the proxy's JSON 503 with
 # its progress. Then the download's progress here, until it ends (at once for a cached model).
+# A `make down` cut short leaves its announcement behind in a proxy that still runs: taken back.
+if [[ -n $(docker compose ps --quiet --status running proxy 2>/dev/null) ]]; then
+  docker compose exec -T proxy python3 -m dce_proxy.stop cancel || true
+fi
 started=$(date -u +%Y-%m-%dT%H:%M:%S.%NZ)  # the step's container is reused: only this run's lines
 docker compose up -d --remove-orphans "${build[@]}" caddy model-download
 download=$(docker compose ps --all --quiet model-download)

@@ -17,6 +17,7 @@ from .limits import init_limits
 from .metrics import observe
 from .record import init_records
 from .routes import dce, health, openai
+from .stopping import refuse_while_stopping
 from .upstream import Upstream
 
 log = logging.getLogger("dce_proxy")
@@ -37,9 +38,6 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     register_error_handlers(app)
     configure_logging()
     init_records(app, [write_access_line, observe])
-    # Imported here, not with the package: `python3 -m dce_proxy.stopping` (make down) would
-    # otherwise find its own module imported before it runs.
-    from .stopping import refuse_while_stopping
     app.before_request(refuse_while_stopping)  # a stop on its way starts nothing new, whoever asks
     app.before_request(authenticate)  # before the limiter: limits count per authenticated key
     limiter = init_limits(app)

@@ -166,11 +166,11 @@ class Upstream:
             response = self._urlopen(method, path, body, stream, timeout or self._timeout)
         except ReadTimeoutError:
             raise upstream_timeout("vLLM did not start answering in time.") from None
-        except ConnectTimeoutError:  # also a refused connection (NewConnectionError)
+        except ConnectTimeoutError:  # also a refused connection, and a name that does not resolve yet
             raise upstream_unavailable(not_ready_reason(self._model_status_file) or (
                 "vLLM did not accept the connection: it is starting (loading the model), restarting, "
                 "or down.")) from None
-        except HTTPError:  # also a name that does not resolve: no vLLM container yet
+        except HTTPError:
             raise upstream_unavailable(not_ready_reason(self._model_status_file) or (
                 "vLLM is not reachable (starting, restarting or down).")) from None
         if response.status in (502, 503, 504):

@@ -39,5 +39,52 @@ def test_a_local_model_needs_no_download_and_says_ready(download_model, tmp_path
     monkeypatch.setenv("DCE_MODEL_STATUS", str(status))
     assert download_model.main() == 0
     assert "nothing to download" in capsys.readouterr().out
-    assert json.loads(status.read_text()) == {"state": "ready"}
+    assert json.loads(status.read_text()) == {"state": "ready", "downloaded": "/models/tiny"}
     assert not list(tmp_path.glob(".*.tmp"))  # written whole, then renamed
+
+
+def _hub_answer(status_code: int, name: str = "HfHubHTTPError") -> Exception:
+    """What huggingface_hub raises for a hub's HTTP answer: the response rides along."""
+    error = type(name, (Exception,), {})(f"HTTP {status_code}")
+    error.response = type("Response", (), {"status_code": status_code})()
+    return error
+
+
+class ConnectError(Exception):
+    """httpx's name for a connection that could not be made."""
+
+
+def test_a_dry_runs_error_is_told_by_its_cause(download_model):
+    try:
+        try:
+            raise ConnectError("[Errno 111] Connection refused")
+        except ConnectError:
+            raise OSError("Dry run cannot be performed as the repository cannot be accessed.")  # DryRunError
+    except OSError as error:
+        assert "not reachable from this host" in download_model.reason_for(error, "openai/gpt-oss-20b")
+
+
+@pytest.mark.parametrize("error, reason", [
+    (_hub_answer(401), "needs a Hugging Face token"),
+    (_hub_answer(403, "GatedRepoError"), "accept the licence"),
+    (_hub_answer(404, "RepositoryNotFoundError"), "is not on the Hugging Face hub"),
+    (_hub_answer(429), "limiting this host's requests"),
+    (_hub_answer(502), "answered HTTP 502"),
+    (OSError(28, "No space left on device"), "no space left"),
+    (PermissionError(13, "Permission denied"), "not writable by vLLM's user"),
+    (ConnectError("[Errno -3] Temporary failure in name resolution"), "not reachable from this host"),
+    (TimeoutError(), "not reachable from this host"),
+])
+def test_each_failure_says_what_the_operator_can_do(download_model, error, reason):
+    said = download_model.reason_for(error, "openai/gpt-oss-20b")
+    assert reason in said, said
+    assert "name resolution" not in said  # what reaches every 503 names no host of the network
+
+
+def test_a_model_downloaded_whole_stays_known_through_a_later_failure(download_model, tmp_path, capsys):
+    status = tmp_path / "model.json"
+    download_model.write_status(status, state="ready", downloaded="openai/gpt-oss-20b")
+    assert download_model.failed(status, "stopped before it finished") == 1
+    assert download_model.completed(status) == "openai/gpt-oss-20b"
+    assert json.loads(status.read_text())["state"] == "failed"
+    assert download_model.completed(tmp_path / "none.json") is None
