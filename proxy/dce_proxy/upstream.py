@@ -167,16 +167,18 @@ class Upstream:
         except ReadTimeoutError:
             raise upstream_timeout("vLLM did not start answering in time.") from None
         except ConnectTimeoutError:  # also a refused connection, and a name that does not resolve yet
-            raise upstream_unavailable(not_ready_reason(self._model_status_file) or (
-                "vLLM did not accept the connection: it is starting (loading the model), restarting, "
-                "or down.")) from None
+            raise self._not_there("vLLM did not accept the connection: it is starting (loading the model), "
+                                  "restarting, or down.") from None
         except HTTPError:
-            raise upstream_unavailable(not_ready_reason(self._model_status_file) or (
-                "vLLM is not reachable (starting, restarting or down).")) from None
+            raise self._not_there("vLLM is not reachable (starting, restarting or down).") from None
         if response.status in (502, 503, 504):
             response.close()
             raise upstream_unavailable(f"vLLM is not ready (HTTP {response.status}).")
         return response
+
+    def _not_there(self, otherwise: str) -> ApiError:
+        """The 503 for a vLLM that did not answer: what the model download says, if it says anything."""
+        return upstream_unavailable(not_ready_reason(self._model_status_file) or otherwise)
 
     def _urlopen(self, method: str, path: str, body: bytes | None, stream: bool,
                  timeout: urllib3.Timeout) -> urllib3.BaseHTTPResponse:

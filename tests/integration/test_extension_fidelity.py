@@ -3,7 +3,6 @@ through Caddy: every token, every error as text in the tab, and no tab lost to a
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +10,8 @@ import pytest
 
 from stack import LONG_STREAM_TOKENS, THINK_END_ID
 from vllm_metrics import RUNNING, WAITING, VllmMetrics, idle
-from wire import SILENCE_LIMIT, extension_body, open_held_tab, post_like_extension, wait_until
+from tabs import Tabs
+from wire import SILENCE_LIMIT, extension_body, post_like_extension, wait_until
 
 BATCH = 10  # the extension fires one request per tab
 CAP = 20  # DCE_MAX_CONCURRENT in the test stack (the default)
@@ -24,43 +24,6 @@ def _tab_bodies(max_tokens: int, **extra) -> list[dict]:
 
 def _as_sent_to_vllm(body: dict) -> dict:
     return {**body, "model": "tiny"}  # the proxy maps the extension's "local-model" to the served model
-
-
-class Tabs:
-    """A batch of tabs sent at once (wire.open_held_tab); each can be watched (`live`, `streaming`)
-    and closed (`close_all`)."""
-
-    def __init__(self, stack, url: str, bodies: list[dict]):
-        self.streaming = [threading.Event() for _ in bodies]  # its first token came (or it ended)
-        self.live = [None] * len(bodies)  # each tab's result as it grows
-        self._closed = threading.Event()
-        self._pool = ThreadPoolExecutor(len(bodies))
-        self.futures = [self._pool.submit(self._run, stack, url, body, i) for i, body in enumerate(bodies)]
-
-    def _run(self, stack, url, body, index):
-        def on_chunk(result):
-            self.live[index] = result
-            if result.chunks:
-                self.streaming[index].set()
-            return not self._closed.is_set()
-
-        try:
-            return open_held_tab(stack.session, url, body, on_chunk=on_chunk)
-        finally:
-            self.streaming[index].set()  # also a tab that failed: the test then reads why
-
-    def close_all(self) -> None:
-        """Like the stop button on every tab: each socket closes when its next bytes arrive."""
-        self._closed.set()
-
-    def ended(self) -> list:
-        return [future.result() for future in self.futures if future.done()]
-
-    def results(self) -> list:
-        """Each tab's result once it ended (by itself, or closed by the test)."""
-        results = [future.result() for future in self.futures]
-        self._pool.shutdown()
-        return results
 
 
 def test_ten_tabs_show_exactly_what_vllm_generated(stack):

@@ -8,15 +8,15 @@ import ssl
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import figures
 import pytest
 import requests
 
 from stack import REPO
+from tabs import Tabs
 from vllm_metrics import RUNNING, WAITING, VllmMetrics, idle
-from wire import extension_body, post_like_extension, wait_until
+from wire import extension_body, wait_until
 
 BATCH = 10
 GENERATED = "vllm:generation_tokens_total"
@@ -53,7 +53,7 @@ def test_a_key_added_and_revoked_while_a_batch_runs_costs_no_request(stack):
     asker = threading.Thread(target=keep_asking)
     asker.start()
     try:
-        batch = _Batch(stack, max_tokens=1000)
+        batch = _batch(stack, max_tokens=1000)
         added = _keys_sh(stack, "add", "newcomer")
         assert added.returncode == 0, added.stderr
         (new_key,) = added.stdout.split()
@@ -72,23 +72,10 @@ def test_a_key_added_and_revoked_while_a_batch_runs_costs_no_request(stack):
     assert seen and set(seen) == {200}, sorted(set(seen))  # nobody else noticed
 
 
-class _Batch:
+def _batch(stack, max_tokens: int) -> Tabs:
     """The extension's batch of tabs, sent at once on the curator's key."""
-
-    def __init__(self, stack, max_tokens: int):
-        url = f"{stack.base}/k/{stack.key}/api/dce/proxy"
-        self._pool = ThreadPoolExecutor(BATCH)
-        self._tabs = [self._pool.submit(post_like_extension, stack.session(), url,
-                                        extension_body(f"Tab {i}.", max_tokens=max_tokens, ignore_eos=True))
-                      for i in range(BATCH)]
-
-    def ended(self) -> list:
-        return [tab.result() for tab in self._tabs if tab.done()]
-
-    def results(self) -> list:
-        results = [tab.result() for tab in self._tabs]
-        self._pool.shutdown()
-        return results
+    url = f"{stack.base}/k/{stack.key}/api/dce/proxy"
+    return Tabs(stack, url, [extension_body(f"Tab {i}.", max_tokens=max_tokens, ignore_eos=True) for i in range(BATCH)])
 
 
 def _stop(stack, service: str) -> subprocess.Popen:
@@ -103,7 +90,7 @@ def _start_again(stack, service: str) -> None:
     stack.follow_caddy()
 
 
-def _results_once_stopped(batch: _Batch, stop: subprocess.Popen) -> list:
+def _results_once_stopped(batch: Tabs, stop: subprocess.Popen) -> list:
     """The batch's results once every tab and the stop have ended (the stop succeeded)."""
     results = batch.results()
     output, _ = stop.communicate(timeout=600)
@@ -138,7 +125,7 @@ def test_make_down_tells_new_requests_why_while_running_streams_finish_and_up_ke
     vllm.pause()  # every tab's whole answer is still to generate when the stop begins
     down = None
     try:
-        batch = _Batch(stack, max_tokens=300)
+        batch = _batch(stack, max_tokens=300)
         wait_until(lambda: stack.live_slot_leases("curator") == BATCH or batch.ended(), 120,
                    "the proxy to hold every tab", interval=0.5)
         down = subprocess.Popen(["bash", "scripts/down.sh"], cwd=REPO, env=stack.operator_env(),
@@ -172,7 +159,7 @@ def test_stopping_the_front_door_lets_running_streams_finish(stack):
     vllm = stack.container("vllm")
     vllm.pause()  # every tab's whole answer is still to generate when the stop begins
     try:
-        batch = _Batch(stack, max_tokens=300)
+        batch = _batch(stack, max_tokens=300)
         wait_until(lambda: stack.live_slot_leases("curator") == BATCH or batch.ended(), 120,
                    "the proxy to hold every tab", interval=0.5)
         stop = _stop(stack, "caddy")
@@ -198,7 +185,7 @@ def test_stopping_vllm_lets_its_running_generations_finish(stack):
     try:
         with VllmMetrics(stack, [RUNNING, WAITING, GENERATED]) as metrics:
             before = metrics.wait_for(idle, 120, "vLLM idle before the batch").values[GENERATED]
-            batch = _Batch(stack, max_tokens=_DRAINED_TOKENS)
+            batch = _batch(stack, max_tokens=_DRAINED_TOKENS)
             generating = metrics.wait_for(lambda sample: sample.values[RUNNING] == BATCH, 120,
                                           "vLLM generating every tab")
             vllm.pause()
