@@ -8,12 +8,23 @@ OpenAI's own streams end: the text with finish_reason null, then an empty delta 
 
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 from .errors import ApiError
 
 # Delta fields that carry something the client shows or uses.
 _CONTENT_FIELDS = ("content", "reasoning", "reasoning_content", "tool_calls")
+# Keys, told apart from text by their bytes alone: a quote inside a JSON string is escaped, so no
+# text holds `"finish_reason":` or any of these.
+_FINISH_REASON = b'"finish_reason":'
+_STILL_OPEN = b'"finish_reason":null'
+_INDEX = b'"index":'
+_ERROR = b'"error"'
+_REASONING = b'"reasoning":'
+_REASONING_CONTENT = b'"reasoning_content":'
+# A delta that is only vLLM's `reasoning` text, a JSON string (group 1).
+_REASONING_ONLY = re.compile(rb'"delta":\{"reasoning":("(?:[^"\\]|\\.)*")\}')
 
 
 def mirror_reasoning(part: object) -> None:
@@ -36,6 +47,24 @@ def choices(payload: dict) -> list:
 
 def _carries_content(delta: object) -> bool:
     return isinstance(delta, dict) and any(delta.get(name) for name in _CONTENT_FIELDS)
+
+
+def for_extension_bytes(data: bytes) -> bytes | None:
+    """What for_extension sends for a chunk of vLLM's (an event's data), made from its bytes without
+    decoding them, for the chunks most of a stream is made of: one choice, still open (an explicit
+    finish_reason null), no error, and either nothing to mirror (sent as it is) or a delta that is
+    only `reasoning` (mirrored). None for every other chunk: it must be decoded. A None where bytes
+    would do only costs time; bytes must be exactly what for_extension would send."""
+    if not (data.startswith(b'{"id":') and data.count(_INDEX) == 1 and data.count(_FINISH_REASON) == 1
+            and _STILL_OPEN in data and _ERROR not in data and _REASONING_CONTENT not in data):
+        return None
+    reasoning = data.count(_REASONING)
+    if reasoning == 0:
+        return data
+    found = _REASONING_ONLY.search(data)
+    if reasoning != 1 or found is None:
+        return None
+    return data[:found.end() - 1] + b',"reasoning_content":' + found[1] + data[found.end() - 1:]
 
 
 def for_extension(payload: dict) -> Iterator[dict]:

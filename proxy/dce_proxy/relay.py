@@ -17,10 +17,13 @@ from .record import RequestRecord, current_record
 from .sse import DONE, EventSplitter, event_data, event_json, has_done, split_whole
 from .stream import stream_response
 from .upstream import UpstreamStreamError, iter_body, read_all
-from .usage import USAGE_KEY, UsageAsked, as_asked, ask_for_usage, count_text_events, count_usage_at_end
+from .usage import (USAGE_KEY, UsageAsked, as_asked, as_asked_bytes, ask_for_usage, count_text_events,
+                    count_usage_at_end)
 
 # Per-event rewrite: takes the decoded event, returns the bytes to send (b"" to send nothing).
 EventRewriter = Callable[[dict], bytes]
+# The same rewrite made on an event's data bytes, for the events it can do so: None for the others.
+BytesRewriter = Callable[[bytes], "bytes | None"]
 # Builds the event that tells the client its stream failed (the relay adds DONE).
 ErrorEvent = Callable[[ApiError], bytes]
 
@@ -107,16 +110,19 @@ def _whole(event: bytes) -> bool:
 
 
 class Rewriter:
-    """Each upstream event is decoded, rewritten and sent on its own, as soon as it is complete."""
+    """Each upstream event is rewritten and sent on its own, as soon as it is complete. Events that
+    `rewrite_bytes` can rewrite on their bytes are (vLLM's usage taken out there too, unless asked):
+    only the others are decoded, so that a route costs little more than passing through."""
 
     at_boundary = True  # it only ever sends whole events
 
     def __init__(self, rewrite: EventRewriter, error_event: ErrorEvent, record: RequestRecord,
-                 usage_asked: UsageAsked):
+                 usage_asked: UsageAsked, rewrite_bytes: BytesRewriter | None = None):
         self.error_event = error_event
         self.complete = False  # vLLM's [DONE] went out
         self.stopped = False  # the stream was ended here, on an error event
         self._rewrite = rewrite
+        self._rewrite_bytes = rewrite_bytes
         self._record = record
         self._usage_asked = usage_asked
         self._splitter = EventSplitter()
@@ -139,6 +145,12 @@ class Rewriter:
         return out
 
     def _event(self, event: bytes) -> bytes:
+        if self._rewrite_bytes is not None and event.startswith(b"data: {") and b"\n" not in event:
+            rewritten = self._rewrite_bytes(event[6:])
+            sent = None if rewritten is None else as_asked_bytes(rewritten, self._record, self._usage_asked)
+            if sent is not None:
+                count_text_events(event, self._record)
+                return b"data: " + sent + b"\n\n"
         data = event_data(event)
         if data is None:
             return b""
@@ -162,7 +174,7 @@ class Rewriter:
 
 
 def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: EventRewriter | None = None,
-            rewrite_json: Callable[[dict], dict] | None = None) -> Response:
+            rewrite_event_bytes: BytesRewriter | None = None, rewrite_json: Callable[[dict], dict] | None = None) -> Response:
     """Sends a checked body to vLLM (model and token budget fitted) and relays the answer."""
     upstream = current_app.extensions["dce_upstream"]
     fit_to_model(body, upstream.models())
@@ -173,7 +185,7 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
         # in every event, so that a stream its client left still has vLLM's prompt count.
         usage_asked = ask_for_usage(body, in_every_event=rewrite_event is not None)
         relay = (Passthrough(error_event, record, usage_asked) if rewrite_event is None
-                 else Rewriter(rewrite_event, error_event, record, usage_asked))
+                 else Rewriter(rewrite_event, error_event, record, usage_asked, rewrite_event_bytes))
         return stream_response(upstream, path, json.dumps(body).encode(), relay, slot)
     if not slot.held:
         raise slot.refusal  # only a stream can wait in line: heartbeats keep its client

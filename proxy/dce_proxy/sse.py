@@ -38,7 +38,8 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events completed by `chunk`, each without its blank line."""
-        return _EVENT_END.split(self.whole(chunk))[:-1]
+        ready = self.whole(chunk)
+        return (ready.split(b"\n\n") if b"\r" not in ready else _EVENT_END.split(ready))[:-1]
 
     def rest(self) -> list[bytes]:
         """The last event, when the stream ended without its blank line."""
@@ -47,6 +48,9 @@ class EventSplitter:
 
 
 def _end_of_last_event(data: bytes) -> int:
+    if b"\r" not in data:  # as vLLM writes its events: a plain search, several times faster
+        found = data.rfind(b"\n\n")
+        return found + 2 if found >= 0 else 0
     last = 0
     for end in _EVENT_END.finditer(data):
         last = end.end()

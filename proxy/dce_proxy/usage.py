@@ -15,6 +15,10 @@ USAGE_KEY = re.compile(rb'"usage":\s*\{')
 # empty one, like the role chunk's "content":"", carries none).
 _TEXT = re.compile(rb'"(?:content|reasoning|text)":\s*"[^"]')
 _USAGE_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
+# vLLM's usage in an event with choices (continuous_usage_stats), as vLLM writes it: after another
+# field, holding numbers, nulls and at most one level of objects (completion_tokens_details).
+_EVENT_USAGE = re.compile(rb',"usage":\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}')
+_PROMPT_COUNT = re.compile(rb'"prompt_tokens":(\d+)')
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,23 @@ def as_asked(payload: dict, record: RequestRecord, asked: UsageAsked) -> dict | 
     if asked.every_event:
         return payload
     return {name: value for name, value in payload.items() if name != "usage"}
+
+
+def as_asked_bytes(data: bytes, record: RequestRecord, asked: UsageAsked) -> bytes | None:
+    """as_asked for a chunk with choices, on its bytes (an event's data): vLLM's prompt count taken,
+    its usage taken out unless the client asked for it in every event. None when the usage is not
+    in the shape vLLM writes: the event must then be decoded."""
+    usages = data.count(b'"usage"')  # (a key: in text, its quotes would be escaped)
+    if usages == 0:
+        return data
+    found = _EVENT_USAGE.search(data) if usages == 1 else None
+    if found is None:
+        return None
+    if record.prompt_tokens is None:
+        prompt = _PROMPT_COUNT.search(found[0])
+        if prompt is not None:
+            record.take_usage({"prompt_tokens": int(prompt[1])}, final=False)
+    return data if asked.every_event else data[:found.start()] + data[found.end():]
 
 
 def count_text_events(events: bytes, record: RequestRecord) -> None:

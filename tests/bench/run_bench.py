@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import scaling
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parents[1]
 PROXY_DIR = REPO / "proxy"
@@ -70,6 +72,7 @@ class Scenario:
     interval_ms: float = 0.0
     stagger_ms: float = 0.0  # connection i starts i x this late
     big: bool = False  # the many-streams scenarios (open at once, RSS)
+    extension: bool = False  # streams as the DCE extension sends them, on its route (direct: /v1)
 
 
 def scenarios(args) -> list[Scenario]:
@@ -87,6 +90,10 @@ def scenarios(args) -> list[Scenario]:
     for level in args.levels:
         found.append(Scenario(f"streams-{level}", f"{level} concurrent streams of 200 tokens x 20 ms", "streams",
                               level, tokens=200, interval_ms=20, big=True))
+    top = max(args.levels)
+    found.append(Scenario(f"extension-{top}", f"{top} concurrent extension streams (/k/KEY/api/dce/proxy, its "
+                          "body; direct: /v1) of 200 tokens x 20 ms", "streams", top, tokens=200, interval_ms=20,
+                          big=True, extension=True))
     if args.only:
         wanted = set(args.only)
         found = [scenario for scenario in found if scenario.name in wanted]
@@ -98,11 +105,13 @@ def scenarios(args) -> list[Scenario]:
 class Stack:
     """The fake upstream, the proxy and Caddy, each a child process of this script."""
 
-    def __init__(self, workdir: Path, proxy_dir: Path):
+    def __init__(self, workdir: Path, proxy_dir: Path, workers: int = 1):
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.proxy_dir = proxy_dir
+        self.workers = workers  # more than one: their limits shared in a Redis of their own
         self.key = "bench-" + secrets.token_urlsafe(24)
-        self.ports = {name: free_port() for name in ("fake", "proxy", "caddy")}
+        self.ports = {name: free_port() for name in ("fake", "proxy", "caddy", "redis")}
         self.children: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self.caddy_ca: Path | None = None
@@ -138,10 +147,15 @@ class Stack:
             "DCE_MAX_CONCURRENT": str(MAX_CONCURRENT),
             # Set explicitly, so that a .env left in the repository cannot change what is measured.
             "DCE_OPEN_MODE": "false", "DCE_MODEL_ALIASES": "", "DCE_API_KEYS_FILE": "",
-            "DCE_RATELIMIT_STORAGE_URI": "memory://", "DCE_PROXY_WORKERS": "1",
+            "DCE_RATELIMIT_STORAGE_URI": "memory://", "DCE_PROXY_WORKERS": str(self.workers),
             "DCE_PROXY_WORKER_CONNECTIONS": "4096", "DCE_LOG_LEVEL": "info",
             "DCE_STOP_GRACE_SECONDS": "5",
         }
+        if self.workers > 1:
+            self._spawn("redis", [ensure_tool("redis-server"), "--bind", "127.0.0.1", "--port",
+                                  str(self.ports["redis"]), "--save", "", "--appendonly", "no"], base_env)
+            wait_until(lambda: _answers(self.ports["redis"]), 15, "Redis", self.children["redis"])
+            proxy_env["DCE_RATELIMIT_STORAGE_URI"] = f"redis://127.0.0.1:{self.ports['redis']}/0"
         gunicorn = VENV_BIN / "gunicorn"
         self._spawn("proxy", [str(gunicorn) if gunicorn.exists() else "gunicorn", "-c", "gunicorn.conf.py"],
                     proxy_env, cwd=self.proxy_dir)
@@ -168,7 +182,7 @@ class Stack:
         return children_of(self.pid("proxy"))
 
     def stop(self):
-        for name in ("caddy", "proxy", "fake"):
+        for name in ("caddy", "proxy", "fake", "redis"):
             child = self.children.get(name)
             if child is None or child.poll() is not None:
                 continue
@@ -180,6 +194,14 @@ class Stack:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def free_port() -> int:
@@ -307,7 +329,7 @@ class Sampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        wall = time.monotonic() - self.started
+        wall = self.wall = time.monotonic() - self.started
         ticks = self._ticks()
         total, idle = read_machine_ticks()
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -332,21 +354,23 @@ def machine_busy_pct(seconds: float) -> float:
     return 100 * ((total2 - total) - (idle2 - idle)) / max(1, total2 - total)
 
 
-def ensure_wrk() -> str:
-    found = shutil.which("wrk")
+def ensure_tool(command: str) -> str:
+    """A Debian package's command (wrk, redis-server), installed with apt-get when missing."""
+    found = shutil.which(command)
     if found:
         return found
     if os.geteuid() != 0:
-        raise SystemExit("bench: wrk is missing; install it with `apt-get install wrk` (as root)")
-    print("bench: installing wrk with apt-get ...", flush=True)
+        raise SystemExit(f"bench: {command} is missing; install it with `apt-get install {command}` (as root)")
+    print(f"bench: installing {command} with apt-get ...", flush=True)
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], env=env, **quiet).returncode != 0:
+    # RUNLEVEL=1: the package's service is not started (the bench starts its own, on loopback).
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "RUNLEVEL": "1"}
+    if subprocess.run(["apt-get", "install", "-y", "-q", command], env=env, **quiet).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, **quiet)
-        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], env=env, check=True)
-    found = shutil.which("wrk")
+        subprocess.run(["apt-get", "install", "-y", "-q", command], env=env, check=True)
+    found = shutil.which(command)
     if not found:
-        raise SystemExit("bench: wrk is still missing after apt-get install wrk")
+        raise SystemExit(f"bench: {command} is still missing after apt-get install {command}")
     return found
 
 
@@ -389,6 +413,9 @@ class Runner:
                 # One broken run must not throw away the others: it shows as an error in the table.
                 result = {"errors": 1, "error_detail": {f"run failed: {str(exc)[:200]}": 1}}
         upstream = json.loads(http_get(fake, "/bench/stats")[1])
+        if result.get("events"):
+            # The proxy's CPU time per event relayed (its workers and master): what a route costs.
+            result["proxy_cpu_us_per_event"] = sampler.cpu["proxy"] / 100 * sampler.wall / result["events"] * 1e6
         result.update(cpu=sampler.cpu, machine_cpu_pct=sampler.machine_pct, cpu_pressure_pct=sampler.pressure_pct,
                       proxy_rss_mb=sampler.peak_rss,
                       upstream_peak_streams=upstream["peak_open_streams"])
@@ -429,6 +456,8 @@ class Runner:
                 "--streams-per-connection", str(scenario.streams_per_connection),
                 "--tokens", str(scenario.tokens), "--interval-ms", str(scenario.interval_ms),
                 "--stagger-ms", str(scenario.stagger_ms), "--timeout", str(timeout)]
+        if scenario.extension and path != "direct":
+            argv.append("--extension")
         if cafile:
             argv += ["--cafile", str(cafile)]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 60)
@@ -543,6 +572,7 @@ BIG_ROWS = [Row("streams open at once (client)", "open_at_once", 0, False),
             Row("TTFT p50 ms", "ttft_p50_ms", 1), Row("TTFT p99 ms", "ttft_p99_ms", 1),
             Row("chunk gap p99 ms", "gap_p99_ms", 1), Row("coalesced events %", "coalesced_pct", 2, False),
             Row("total time p99 s", "total_p99_s", 2), Row("proxy worker peak RSS MB", "proxy_rss_mb", 0, False),
+            Row("proxy CPU us per event", "proxy_cpu_us_per_event", 1, False),
             Row("errors, all rounds", "errors", 0, False)]
 CPU_KEYS = ("proxy", "caddy", "upstream", "client", "other")
 
@@ -687,17 +717,30 @@ def evaluate_targets(medians: dict[str, dict]) -> list[tuple[str, str, dict[str,
     add("streams c=1 coalescing", "none", "stream-c1", no_coalescing)
     add("streams c=32 coalescing", "none", "stream-c32", no_coalescing)
     add("100 streams coalescing", "none", "streams-100", no_coalescing)
-    add("1,000 streams all open at once", "1,000", "streams-1000", all_open(1000))
-    add("1,000 streams TTFT p99", "<= 1 s", "streams-1000", at_most("ttft_p99_ms", 1.0, "s", 1 / 1000, 2))
+    for scenario, label in (("streams-1000", "1,000 streams"), ("extension-1000", "1,000 ext. streams")):
+        add(f"{label} all open at once", "1,000", scenario, all_open(1000))
+        add(f"{label} TTFT p99", "<= 1 s", scenario, at_most("ttft_p99_ms", 1.0, "s", 1 / 1000, 2))
+        add(f"{label} errors, all rounds", "0", scenario, at_most("errors", 0, "errors"))
     add("1,000 streams proxy RSS", "<= 200 MB", "streams-1000", at_most("proxy_rss_mb", 200, "MB"))
+
+    def cost_to_passthrough(m, path):
+        extension = m[path].get("proxy_cpu_us_per_event")
+        passthrough = medians.get("streams-1000", {}).get(path, {}).get("proxy_cpu_us_per_event")
+        if not extension or not passthrough:
+            return "-"
+        ratio = extension / passthrough
+        verdict = "met" if ratio <= 1.2 else f"MISSED by {ratio - 1.2:.2f}x"
+        return f"x{ratio:.2f} ({extension:.0f} vs {passthrough:.0f} us CPU per event)  {verdict}"
+
+    add("extension route cost per event", "<= 1.2x /v1", "extension-1000", cost_to_passthrough)
     return rows
 
 
 def print_targets(rows):
-    print(f"{'target (proxy, every feature on)':<34}{'goal':<16}{'proxy':<84}{'caddy+proxy (for information)'}")
-    print("-" * 162)
+    print(f"{'target (proxy, every feature on)':<40}{'goal':<16}{'proxy':<84}{'caddy+proxy (for information)'}")
+    print("-" * 168)
     for label, goal, cells in rows:
-        print(f"{label:<34}{goal:<16}{cells['proxy']:<84}{cells['caddy']}")
+        print(f"{label:<40}{goal:<16}{cells['proxy']:<84}{cells['caddy']}")
     print("'added' = path minus direct (medians). Coalescing counts only where the CPU was not saturated "
           "(cpu: the busiest process of the path; busy: all CPUs; psi: CPU pressure >= 25%).")
 
@@ -748,7 +791,9 @@ def main(argv=None) -> int:
     parser.add_argument("--wrk-seconds", type=float, default=3.0)
     parser.add_argument("--c1-streams", type=int, default=10, help="streams in a row at c=1")
     parser.add_argument("--c32-streams", type=int, default=6, help="streams per connection at c=32")
-    parser.add_argument("--levels", default="100,500,1000", help="concurrent stream counts, comma-separated")
+    parser.add_argument("--levels", default="100,1000", help="concurrent stream counts, comma-separated")
+    parser.add_argument("--workers", default="1,2,4",
+                        help="proxy worker counts to compare, comma-separated (empty: no scaling runs)")
     parser.add_argument("--only", default="", help="scenario names, comma-separated (json-c1, stream-c32, ...)")
     parser.add_argument("--quick", action="store_true", help="small and short, for trying the bench out")
     parser.add_argument("--profile", action="store_true",
@@ -765,6 +810,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.levels = [int(level) for level in args.levels.split(",") if level.strip()]
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    args.workers = [int(count) for count in args.workers.split(",") if count.strip()]
     if args.quick:
         args.wrk_seconds, args.c1_streams, args.c32_streams = 2.0, 8, 2
         args.levels = [level for level in args.levels if level <= 100] or [100]
@@ -779,7 +825,7 @@ def main(argv=None) -> int:
     workdir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dce-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     files = raise_file_limit()
-    wrk = ensure_wrk()
+    wrk = ensure_tool("wrk")
     plan = scenarios(args)
     print(f"DCE proxy benchmark: {len(plan)} scenarios x 3 paths x {args.rounds} rounds, on 127.0.0.1; "
           f"logs and results in {workdir}", flush=True)
@@ -820,6 +866,15 @@ def main(argv=None) -> int:
         master_rss = read_rss_mb(stack.pid("proxy")) or 0
     finally:
         stack.stop()
+    scaling_lines = []
+    if args.workers and time.monotonic() < budget_end:
+        by_name = {scenario.name: scenario for scenario in scenarios(argparse.Namespace(**{**vars(args), "only": []}))}
+        scaling_lines = scaling.measure(
+            args.workers, lambda workers: Stack(workdir / f"workers-{workers}", stack.proxy_dir, workers),
+            lambda scaled, load: Runner(scaled, wrk, args).run(load, "proxy"),
+            by_name["json-c32"], by_name[f"streams-{max(args.levels)}"], CPUS)
+    elif args.workers:
+        skipped.append("the worker scaling runs")
     medians = {name: medians_of(by_path) for name, by_path in results.items()}
     (workdir / "results.json").write_text(json.dumps({"runs": results, "medians": medians}, indent=1))
 
@@ -847,6 +902,10 @@ def main(argv=None) -> int:
     print_table(plan, medians, args.rounds)
     print()
     print_targets(evaluate_targets(medians))
+    if scaling_lines:
+        print()
+        print("== proxy workers (DCE_PROXY_WORKERS), the proxy path alone ==")
+        print("\n".join(scaling_lines))
     if engine_lines:
         print()
         print(f"== {engine_batch.TITLE} ==")

@@ -12,7 +12,13 @@ Each of `--connections` connections is opened first, then all send their request
   gaps    time between two reads that hold events (events that came in the same read count as
           gaps of 0 and as "coalesced")
   total   request written -> end of the response (last chunk)
+Every stream's tokens are checked to come whole and in order (the fake upstream numbers them
+" tok0", " tok1", ...): an event lost, doubled or reordered is an error.
 Then it prints one JSON line of summary numbers on stdout (times in ms) and exits.
+
+With --extension each stream is exactly what the DCE extension v1.2.0 sends: its body
+(n 1, reasoning_effort "medium"), the key in the path (/k/KEY/api/dce/proxy), only a Content-Type
+header; and the proxy sends one event more than the tokens (the last token's chunk split in two).
 
 Run: python stream_client.py --url https://localhost:8443 --cafile root.crt --key KEY \
         --connections 32 --streams-per-connection 6 --tokens 64 --interval-ms 5
@@ -25,6 +31,7 @@ import asyncio
 import gc
 import json
 import math
+import re
 import resource
 import ssl
 import sys
@@ -35,6 +42,7 @@ EVENT = b"data: {"
 ERROR_EVENT = b'data: {"error"'
 DONE = b"data: [DONE]"
 TAIL = 16  # longer than any marker above, so a marker split over two reads is still seen once
+TOKEN = re.compile(rb"tok(\d+)")
 now = time.perf_counter
 
 
@@ -76,7 +84,7 @@ class Dechunker:
 
 
 class StreamResult:
-    __slots__ = ("sent", "reads", "ended", "status", "error")
+    __slots__ = ("sent", "reads", "ended", "status", "error", "next_token", "unread")
 
     def __init__(self, sent: float):
         self.sent = sent
@@ -84,6 +92,18 @@ class StreamResult:
         self.ended = 0.0
         self.status = 0
         self.error = ""
+        self.next_token = 0  # the number the next token must carry
+        self.unread = b""  # the start of an event whose end has not come yet
+
+    def check_order(self, body: bytes) -> None:
+        """Each token of the stream exactly once, in order, over whole events."""
+        body = self.unread + body
+        end = body.rfind(b"\n\n") + 2
+        self.unread = body[end:] if end >= 2 else body
+        for number in TOKEN.findall(body[:end] if end >= 2 else b""):
+            if int(number) != self.next_token and not self.error:
+                self.error = "a token lost, doubled or out of order"
+            self.next_token = int(number) + 1
 
 
 class StreamConnection(asyncio.Protocol):
@@ -147,7 +167,9 @@ class StreamConnection(asyncio.Protocol):
             if self.body_left <= 0:
                 self._finish()
             return
-        joined = self.tail + self.dechunker.feed(data)
+        body = self.dechunker.feed(data)
+        result.check_order(body)
+        joined = self.tail + body
         events = joined.count(EVENT) - self.tail.count(EVENT)
         if events:
             result.reads.append((arrived, events))
@@ -178,10 +200,11 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
-def build_request(host: str, path: str, key: str, body: dict) -> bytes:
+def build_request(host: str, path: str, key: str, body: dict, extension: bool) -> bytes:
     payload = json.dumps(body, separators=(",", ":")).encode()
-    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+    headers = ("Content-Type: application/json\r\n" if extension else
+               f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\n")
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{headers}"
             f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
 
 
@@ -197,7 +220,11 @@ async def run(args) -> dict:
     host_header = url.netloc
     body = {"model": args.model, "messages": [{"role": "user", "content": "Benchmark: say something."}],
             "max_tokens": args.tokens, "stream": True, "bench_interval_ms": args.interval_ms}
-    request = build_request(host_header, args.path, args.key, body)
+    path = args.path
+    if args.extension:
+        body.update(n=1, reasoning_effort="medium")
+        path = f"/k/{args.key}/api/dce/proxy"
+    request = build_request(host_header, path, args.key, body, args.extension)
 
     connect_started = now()
     connect_errors: list[str] = []
@@ -257,10 +284,13 @@ def summarize(args, results: list[StreamResult], connect_errors, connect_seconds
     ttfts, totals, gaps, intervals = [], [], [], []
     errors: dict[str, int] = {}
     events = coalesced = complete = 0
+    expected = args.tokens + 1 if args.extension else args.tokens
     for result in results:
         count = sum(n for _, n in result.reads)
-        if result.error or count != args.tokens:
-            reason = result.error or f"{count} of {args.tokens} events"
+        if not result.error and result.next_token != args.tokens:
+            result.error = "tokens missing at the end"
+        if result.error or count != expected:
+            reason = result.error or f"{count} of {expected} events"
             errors[reason] = errors.get(reason, 0) + 1
         else:
             complete += 1
@@ -306,6 +336,8 @@ def main(argv=None) -> int:
     parser.add_argument("--url", required=True, help="http://127.0.0.1:PORT or https://localhost:PORT")
     parser.add_argument("--cafile", help="CA to verify the server's certificate with (https)")
     parser.add_argument("--path", default="/v1/chat/completions")
+    parser.add_argument("--extension", action="store_true",
+                        help="stream as the DCE extension does, on /k/KEY/api/dce/proxy (--path unused)")
     parser.add_argument("--key", default="")
     parser.add_argument("--model", default="local-model")
     parser.add_argument("--connections", type=int, default=1)

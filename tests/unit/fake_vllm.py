@@ -367,8 +367,10 @@ class _Handler(BaseHTTPRequestHandler):
         usage = {"prompt_tokens": 7, "total_tokens": 7 + n * k, "completion_tokens": n * k,
                  "prompt_tokens_details": None}
         if body.get("stream") is True:
-            include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
-            return self._stream(rec, cfg, chat, model, n, k, finish, usage if include_usage else None)
+            options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+            if options.get("include_usage") and options.get("continuous_usage_stats"):
+                usage["continuous"] = True  # (read by _events, never sent)
+            return self._stream(rec, cfg, chat, model, n, k, finish, usage if options.get("include_usage") else None)
         return self._complete(rec, cfg, chat, model, n, k, finish, usage)
 
     # -- non-stream -----------------------------------------------------------
@@ -417,7 +419,17 @@ class _Handler(BaseHTTPRequestHandler):
                 "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": CREATED, "model": model}
 
+        continuous = usage is not None and usage.pop("continuous", False)
+        sent = dict.fromkeys(range(n), 0)  # tokens sent per choice
+
         def event(choices: list, **extra) -> bytes:
+            if continuous and choices:
+                # Like vLLM 0.32 with continuous_usage_stats: the choice's own count, this token included.
+                index, part = choices[0]["index"], choices[0].get("delta", choices[0].get("text"))
+                sent[index] += 1 if part and (isinstance(part, str) or any(
+                    part.get(name) for name in ("content", "reasoning", "reasoning_content"))) else 0
+                extra["usage"] = {"prompt_tokens": 7, "total_tokens": 7 + sent[index],
+                                  "completion_tokens": sent[index], "completion_tokens_details": {"reasoning_tokens": 0}}
             return b"data: " + _dumps({**base, "choices": choices, **extra}) + b"\n\n"
 
         def choice(i: int, delta_or_text, finish_reason=None) -> dict:

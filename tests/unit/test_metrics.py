@@ -119,7 +119,8 @@ def test_each_way_a_stream_ends_is_counted_with_its_tokens(proxy_server, fake_vl
                  outcome="upstream_error") == 1
     assert value(samples, "dce_proxy_requests_total", key="none", route=PROXY, status="401") == 1
     assert value(samples, "dce_proxy_tokens_total", key="alice", type="completion") == 3 + 1 + 0 + 1 + 1
-    assert value(samples, "dce_proxy_tokens_total", key="alice", type="prompt") == 7  # only vLLM's usage tells
+    assert value(samples, "dce_proxy_tokens_total", key="alice", type="prompt") == 3 * 7  # vLLM's usage, in every
+    # event of the streams that began (asked by the proxy): the one its client left is counted too
     # Three streams had a first token; all four took time.
     assert value(samples, "dce_proxy_time_to_first_token_seconds_count", key="alice", route=PROXY) == 3
     assert value(samples, "dce_proxy_request_duration_seconds_count", key="alice", route=PROXY) == 4
@@ -127,11 +128,11 @@ def test_each_way_a_stream_ends_is_counted_with_its_tokens(proxy_server, fake_vl
     assert ALICE_KEY not in text  # key names, never keys
     # `make usage`: the three streams that ended on an error are the key's errors, the 401 is none's.
     usage = usage_by_key(text)
-    assert usage == {"alice": {"requests": 5, "errors": 3, "prompt tokens": 7, "completion tokens": 6},
+    assert usage == {"alice": {"requests": 5, "errors": 3, "prompt tokens": 3 * 7, "completion tokens": 6},
                      "none": {"requests": 1, "errors": 1, "prompt tokens": 0, "completion tokens": 0}}
     assert format_table(usage).splitlines() == [
         "key    requests  errors  prompt tokens  completion tokens",
-        "alice         5       3              7                  6",
+        "alice         5       3             21                  6",
         "none          1       1              0                  0"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app
 
-from ..chunks import choices, error_chunks, for_extension, mirror_reasoning
+from ..chunks import choices, error_chunks, for_extension, mirror_reasoning, for_extension_bytes
 from ..errors import ApiError, upstream_garbage
 from ..limits import holds_generation_slot, waits_for_generation_slot
 from ..payload import (boolean, check_messages, integer, json_object, number, stop_sequences, string)
@@ -37,7 +37,7 @@ def extension_proxy():
         return payload
 
     return forward("/v1/chat/completions", body, error_event=extension_error_event,
-                   rewrite_event=rewrite_event, rewrite_json=rewrite_json)
+                   rewrite_event=rewrite_event, rewrite_event_bytes=for_extension_bytes, rewrite_json=rewrite_json)
 
 
 # -- /api/dce/generate: one prompt, n answers ----------------------------------------------------
