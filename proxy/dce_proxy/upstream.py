@@ -215,14 +215,10 @@ def iter_body(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     try:
         chunks = response.read_chunked() if response.chunked else iter(lambda: response.read1(65536), b"")
         # Whole HTTP chunks: vLLM sends one SSE event per chunk, so events go out unsplit.
-        for chunk in chunks:
-            yield chunk
-            # A gevent worker switches to its other connections only when a read or a write would
-            # wait. Once vLLM produces faster than this worker relays (a fast GPU, or busy cores),
-            # reads never wait and one stream would hold the worker: its other streams and new
-            # requests starve and gunicorn, missing the worker's heartbeat, kills it (measured
-            # in the test stack). Patched by gevent, this gives the others their turn each chunk.
-            time.sleep(0)
+        # (A gevent worker switches to its other connections only when a read or a write would
+        # wait: once vLLM produces faster than this worker relays, reads never wait, and the pump's
+        # bounded read-ahead is what gives the other streams their turn.)
+        yield from chunks
     except ReadTimeoutError:
         raise UpstreamStreamError(upstream_timeout("vLLM stopped sending tokens (timed out).")) from None
     except HTTPError:

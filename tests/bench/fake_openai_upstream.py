@@ -74,9 +74,11 @@ class Responses:
             self._json[key] = cached
         return cached
 
-    def events(self, chat: bool, model: str, tokens: int) -> list[bytes]:
-        """The stream's HTTP chunks: one per token (the last one carries finish_reason), then [DONE]."""
-        key = (chat, model, tokens)
+    def events(self, chat: bool, model: str, tokens: int, usage: bool = False, continuous: bool = False) -> list[bytes]:
+        """The stream's HTTP chunks: one per token (the last one carries finish_reason), vLLM's usage
+        chunk with `usage` (stream_options.include_usage), then [DONE]. With `continuous`
+        (continuous_usage_stats too), vLLM's usage in every chunk as well."""
+        key = (chat, model, tokens, usage, continuous)
         cached = self._events.get(key)
         if cached is None:
             head = {"id": "chatcmpl-bench" if chat else "cmpl-bench",
@@ -91,7 +93,12 @@ class Responses:
                 else:
                     choice = {"index": 0, "text": f" tok{j}", "logprobs": None, "finish_reason": finish,
                               "stop_reason": None}
-                cached.append(_chunk(b"data: " + _dumps({**head, "choices": [choice]}) + b"\n\n"))
+                counts = {"usage": {"prompt_tokens": 8, "total_tokens": 9 + j, "completion_tokens": j + 1,
+                                    "completion_tokens_details": None}} if continuous else {}
+                cached.append(_chunk(b"data: " + _dumps({**head, "choices": [choice], **counts}) + b"\n\n"))
+            if usage:
+                cached.append(_chunk(b"data: " + _dumps({**head, "choices": [], "usage": {
+                    "prompt_tokens": 8, "total_tokens": 8 + tokens, "completion_tokens": tokens}}) + b"\n\n"))
             cached.append(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
             self._events[key] = cached
         return cached
@@ -216,7 +223,11 @@ class Connection(asyncio.Protocol):
             stats.models[model] = stats.models.get(model, 0) + 1
             chat = path == "/v1/chat/completions"
             if request.get("stream"):
-                self._start_stream(server.responses.events(chat, model, tokens), interval)
+                options = request.get("stream_options") or {}
+                usage = bool(options.get("include_usage"))
+                self._start_stream(server.responses.events(chat, model, tokens, usage,
+                                                           usage and bool(options.get("continuous_usage_stats"))),
+                                   interval)
             else:
                 self._respond(200, server.responses.body(chat, model, tokens))
         elif method == "GET" and path == "/bench/stats":

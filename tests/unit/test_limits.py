@@ -1,6 +1,8 @@
 """Rate limit per key (per client IP, the last X-Forwarded-For hop, in open
 mode). Concurrency limits need a real server: see test_server.py."""
 
+import threading
+
 import pytest
 
 from unit_helpers import ALICE_KEY, BOB_KEY, assert_error, bearer
@@ -102,10 +104,12 @@ def test_the_slot_is_free_when_the_stream_ends_before_the_client_closes(make_app
     first.close()
 
 
-def test_the_slot_is_held_while_the_stream_runs(make_app):
+def test_the_slot_is_held_while_the_stream_runs(make_app, fake_vllm):
     c = make_app(DCE_MAX_CONCURRENT="1").test_client()
+    fake_vllm.fault, fake_vllm.hold_stream = "stall", threading.Event()  # it stops after a token, until set
     first = c.post("/api/dce/proxy", json=STREAMS["/api/dce/proxy"], headers=bearer(ALICE_KEY), buffered=False)
     next(iter(first.response))
     assert_rate_limited(completions(c, bearer(ALICE_KEY)))
     first.close()
+    fake_vllm.hold_stream.set()
     assert completions(c, bearer(ALICE_KEY)).status_code == 200
