@@ -40,9 +40,8 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     init_records(app, [write_access_line, observe])
     app.before_request(refuse_while_stopping)  # a stop on its way starts nothing new, whoever asks
     app.before_request(authenticate)  # before the limiter: limits count per authenticated key
-    limiter = init_limits(app)
+    init_limits(app)  # after authenticate: budgets are per key
     app.register_blueprint(health.bp)
-    limiter.exempt(health.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(dce.bp)
     _announce(settings)
