@@ -74,7 +74,20 @@ else
   say "no NVIDIA GPU found: starting the CPU profile (compose.cpu.yaml, a small model on the CPU)"
 fi
 
-workers=$(env_value DCE_PROXY_WORKERS); workers=${workers:-1}
+# Proxy workers: an unset DCE_PROXY_WORKERS is decided here once, from the host's cores, and kept in
+# .env. A quarter of the cores, 1 to 8: the rest is vLLM's (its API server, tokenizer and scheduler
+# run on the CPU), Caddy's and Redis's. One worker relays about 50,000 events/s on its core (make
+# bench); on a 2-core host a second one slowed 1,000 streams down (Redis, and cores shared with vLLM).
+workers=$(env_value DCE_PROXY_WORKERS)
+if [[ -z $workers ]]; then
+  cores=$(nproc)
+  workers=$(( cores / 4 < 1 ? 1 : cores / 4 > 8 ? 8 : cores / 4 ))
+  set_env_value DCE_PROXY_WORKERS "$workers"
+  say "DCE_PROXY_WORKERS=$workers for this host's $cores cores (a quarter of them, 1 to 8), recorded in .env"
+elif [[ ! $workers =~ ^[1-9][0-9]*$ ]]; then
+  say "DCE_PROXY_WORKERS in .env must be a whole number of workers, or empty for make up to choose; it is '$workers'"
+  exit 1
+fi
 if (( workers > 1 )); then
   files+=(compose.scale.yaml)
   say "$workers proxy workers: their limits are shared through Redis (compose.scale.yaml)"

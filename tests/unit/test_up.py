@@ -26,7 +26,8 @@ def checkout(tmp_path):
                        (tmp_path / "scripts/build-images.sh",
                         f'echo "$*" >> {tmp_path}/built; echo "${{DCE_BUILD_FRESH:-cached}}" >> {tmp_path}/fresh'),
                        (stubs / "docker", f'echo "$*" >> {tmp_path}/docker'),
-                       (stubs / "nvidia-smi", "exit 1")]:  # no GPU, even on a host that has one
+                       (stubs / "nvidia-smi", "exit 1"),  # no GPU, even on a host that has one
+                       (stubs / "nproc", 'echo "${STUB_CORES:-2}"')]:  # a 2-core host, whatever this one is
         path.write_text(f"#!/bin/sh\n{body}\n")
         path.chmod(0o755)
     return tmp_path
@@ -57,6 +58,25 @@ def test_several_workers_add_the_redis_image(checkout):
     result = _up(checkout, "DCE_IMAGES=local\nDCE_PROXY_WORKERS=2\n")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (checkout / "built").read_text() == "caddy proxy limits vllm\n"
+
+
+@pytest.mark.parametrize(("cores", "workers", "built"), [("2", "1", "caddy proxy vllm\n"),
+                                                        ("16", "4", "caddy proxy limits vllm\n"),
+                                                        ("128", "8", "caddy proxy limits vllm\n")])
+def test_an_unset_worker_count_is_chosen_from_the_cores_once_and_kept(checkout, cores, workers, built):
+    result = _up(checkout, "DCE_IMAGES=local\n", {"STUB_CORES": cores})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _env(checkout, "DCE_PROXY_WORKERS") == [workers]
+    assert f"DCE_PROXY_WORKERS={workers} for this host's {cores} cores" in result.stdout
+    assert (checkout / "built").read_text() == built  # several workers: their Redis too
+    assert ("compose.scale.yaml" in _env(checkout, "COMPOSE_FILE")[-1]) == (workers != "1")
+
+
+def test_a_worker_count_that_is_not_a_number_stops_make_up(checkout):
+    result = _up(checkout, "DCE_IMAGES=local\nDCE_PROXY_WORKERS=auto\n")
+    assert result.returncode == 1
+    assert "DCE_PROXY_WORKERS in .env must be a whole number" in result.stdout
+    assert not (checkout / "docker").exists() or " up " not in (checkout / "docker").read_text()
 
 
 def test_monitoring_adds_prometheus_to_the_compose_files_and_to_the_local_images(checkout):
