@@ -80,7 +80,7 @@ fi
 # bench); on a 2-core host a second one slowed 1,000 streams down (Redis, and cores shared with vLLM).
 workers=$(env_value DCE_PROXY_WORKERS)
 if [[ -z $workers ]]; then
-  cores=$(nproc)
+  cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # (nproc reports those when set)
   workers=$(( cores / 4 < 1 ? 1 : cores / 4 > 8 ? 8 : cores / 4 ))
   set_env_value DCE_PROXY_WORKERS "$workers"
   say "DCE_PROXY_WORKERS=$workers for this host's $cores cores (a quarter of them, 1 to 8), recorded in .env"

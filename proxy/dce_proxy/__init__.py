@@ -25,7 +25,7 @@ log = logging.getLogger("dce_proxy")
 
 def create_app(env: Mapping[str, str] | None = None) -> Flask:
     settings = load_settings(env)
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no /static: it serves only the API
     app.config.update(
         DCE_SETTINGS=settings,
         MAX_CONTENT_LENGTH=settings.max_body_bytes,

@@ -15,16 +15,16 @@ from .errors import ApiError
 
 # Delta fields that carry something the client shows or uses.
 _CONTENT_FIELDS = ("content", "reasoning", "reasoning_content", "tool_calls")
-# Keys, told apart from text by their bytes alone: a quote inside a JSON string is escaped, so no
-# text holds `"finish_reason":` or any of these.
-_FINISH_REASON = b'"finish_reason":'
-_STILL_OPEN = b'"finish_reason":null'
-_INDEX = b'"index":'
-_ERROR = b'"error"'
-_REASONING = b'"reasoning":'
-_REASONING_CONTENT = b'"reasoning_content":'
-# A delta that is only vLLM's `reasoning` text, a JSON string (group 1).
-_REASONING_ONLY = re.compile(rb'"delta":\{"reasoning":("(?:[^"\\]|\\.)*")\}')
+# A chunk exactly as vLLM 0.32 writes most of a chat stream (compact JSON, its own key order): one
+# choice, index 0, still open, whose delta is its role and content text or only its reasoning text;
+# then vLLM's usage and null fields. Matched whole: a JSON string's quotes and backslashes are
+# escaped inside it, so no text can end a string early or pass for a key.
+_STRING = rb'"[^"\\]*(?:\\.[^"\\]*)*"'
+_OPEN_CHUNK = re.compile(
+    rb'\{"id":' + _STRING + rb',"object":"chat\.completion\.chunk","created":\d+,"model":' + _STRING
+    + rb',"choices":\[\{"index":0,"delta":\{(?:(?:"role":"assistant",)?"content":' + _STRING
+    + rb'|"reasoning":(?P<reasoning>' + _STRING + rb'))(?P<delta_end>\}),"logprobs":null,"finish_reason":null'
+    + rb'(?:,"token_ids":null)?\}\](?:,"usage":\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})?(?:,"[a-z_]+":null)*\}')
 
 
 def mirror_reasoning(part: object) -> None:
@@ -50,21 +50,17 @@ def _carries_content(delta: object) -> bool:
 
 
 def for_extension_bytes(data: bytes) -> bytes | None:
-    """What for_extension sends for a chunk of vLLM's (an event's data), made from its bytes without
-    decoding them, for the chunks most of a stream is made of: one choice, still open (an explicit
-    finish_reason null), no error, and either nothing to mirror (sent as it is) or a delta that is
-    only `reasoning` (mirrored). None for every other chunk: it must be decoded. A None where bytes
-    would do only costs time; bytes must be exactly what for_extension would send."""
-    if not (data.startswith(b'{"id":') and data.count(_INDEX) == 1 and data.count(_FINISH_REASON) == 1
-            and _STILL_OPEN in data and _ERROR not in data and _REASONING_CONTENT not in data):
+    """What for_extension sends for a chunk of vLLM's (a whole event's data), made from its bytes
+    without decoding them, for the chunks most of a stream is made of (_OPEN_CHUNK): sent as they
+    are, or with the reasoning text mirrored. None for every other chunk: it must be decoded. A None
+    where bytes would do only costs time; bytes must be exactly what for_extension would send."""
+    found = _OPEN_CHUNK.fullmatch(data)
+    if found is None:
         return None
-    reasoning = data.count(_REASONING)
-    if reasoning == 0:
+    if found["reasoning"] is None:
         return data
-    found = _REASONING_ONLY.search(data)
-    if reasoning != 1 or found is None:
-        return None
-    return data[:found.end() - 1] + b',"reasoning_content":' + found[1] + data[found.end() - 1:]
+    cut = found.start("delta_end")
+    return data[:cut] + b',"reasoning_content":' + found["reasoning"] + data[cut:]
 
 
 def for_extension(payload: dict) -> Iterator[dict]:

@@ -53,7 +53,9 @@ class RateLimits:
 
     def __init__(self, storage_uri: str, rate_limit: str, auth_failure_limit: str):
         self._window = MovingWindowRateLimiter(storage_from_string(storage_uri))
-        self._rate = parse_many(rate_limit)
+        # Shortest window first, as flask-limiter checked them: a request refused by a short window
+        # must not spend the budget of a longer one.
+        self._rate = sorted(parse_many(rate_limit))
         self._auth_failures = parse(auth_failure_limit)
 
     def count_request(self, client: str) -> None:

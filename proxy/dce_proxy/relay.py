@@ -131,21 +131,22 @@ class Rewriter:
         return self._events(self._splitter.feed(chunk))
 
     def end(self) -> bytes:
-        out = self._events(self._splitter.rest())
+        # An event without its blank line may be cut: only decoding tells a whole one.
+        out = self._events(self._splitter.rest(), whole=False)
         if self.complete or self.stopped:
             return out
         return out + self.error_event(upstream_unavailable(_EARLY_END)) + DONE
 
-    def _events(self, events: list[bytes]) -> bytes:
-        out = b""
+    def _events(self, events: list[bytes], whole: bool = True) -> bytes:
+        out = []
         for event in events:
             if self.complete or self.stopped:
                 break
-            out += self._event(event)
-        return out
+            out.append(self._event(event, whole))
+        return b"".join(out)
 
-    def _event(self, event: bytes) -> bytes:
-        if self._rewrite_bytes is not None and event.startswith(b"data: {") and b"\n" not in event:
+    def _event(self, event: bytes, whole: bool) -> bytes:
+        if whole and self._rewrite_bytes is not None and event.startswith(b"data: {") and b"\n" not in event:
             rewritten = self._rewrite_bytes(event[6:])
             sent = None if rewritten is None else as_asked_bytes(rewritten, self._record, self._usage_asked)
             if sent is not None:

@@ -67,19 +67,18 @@ def as_asked(payload: dict, record: RequestRecord, asked: UsageAsked) -> dict | 
 
 
 def as_asked_bytes(data: bytes, record: RequestRecord, asked: UsageAsked) -> bytes | None:
-    """as_asked for a chunk with choices, on its bytes (an event's data): vLLM's prompt count taken,
-    its usage taken out unless the client asked for it in every event. None when the usage is not
-    in the shape vLLM writes: the event must then be decoded."""
-    usages = data.count(b'"usage"')  # (a key: in text, its quotes would be escaped)
+    """as_asked for a chunk that has choices (the caller knows it does), on its bytes (an event's
+    data): vLLM's prompt count taken, its usage taken out unless the client asked for it in every
+    event. None when the usage is not in the shape vLLM writes: the event must then be decoded."""
+    usages = data.count(b'"usage"')  # the key, or a text that is exactly "usage" (then: decoded)
     if usages == 0:
         return data
     found = _EVENT_USAGE.search(data) if usages == 1 else None
-    if found is None:
+    prompt = _PROMPT_COUNT.search(found[0]) if found is not None else None
+    if prompt is None:
         return None
     if record.prompt_tokens is None:
-        prompt = _PROMPT_COUNT.search(found[0])
-        if prompt is not None:
-            record.take_usage({"prompt_tokens": int(prompt[1])}, final=False)
+        record.take_usage({"prompt_tokens": int(prompt[1])}, final=False)
     return data if asked.every_event else data[:found.start()] + data[found.end():]
 
 

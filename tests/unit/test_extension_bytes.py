@@ -72,35 +72,96 @@ def test_a_stream_cut_early_still_has_vllms_prompt_count_from_the_byte_path():
     assert (record.prompt_tokens, record.completion_tokens, record.tokens_exact) == (14, 1, False)
 
 
+# Shapes vLLM does not write, each once taken for its own by an earlier version of the byte path.
+UNUSUAL = [
+    b'{"id":"c","choices":[{"index":0,"delta":{"content":"a"}}],"x":{"finish_reason":null}}',
+    b'{"id":"c","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null},{"delta":{"content":"b"}}]}',
+    b'{"id":"c","choices":[{"index":"0","delta":{"reasoning":"a"},"finish_reason":null}]}',
+    b'{"id":"c","choices":[{"index":0,"delta":{"reasoning" :"a"},"finish_reason":null}]}',
+    b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":'
+    b'{"content":"error"},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens": 7}}',
+]
+
+
+def test_a_chunk_vllm_would_not_write_is_decoded_or_sent_the_same():
+    for data in UNUSUAL:
+        sent = for_extension_bytes(data)
+        assert sent is None or json.loads(sent) == next(for_extension(json.loads(data))), data
+        for asked in ASKED_EVERY_WAY:
+            fast, fast_record = _relayed([data.decode()], True, asked)
+            slow, slow_record = _relayed([data.decode()], False, asked)
+            assert fast == slow and fast_record.prompt_tokens == slow_record.prompt_tokens, data
+
+
+def test_a_last_event_cut_short_is_never_sent_half():
+    record = RequestRecord("test", stream=True)
+    relay = Rewriter(lambda payload: b"".join(data_event(chunk) for chunk in for_extension(payload)),
+                     lambda error: b"data: {\"error\":{}}\n\n", record, NOT_ASKED, for_extension_bytes)
+    cut = VLLM_STREAM[4].encode()[:-1]  # all but its closing brace
+    out = relay.feed(f"data: {VLLM_STREAM[1]}\n\n".encode() + b"data: " + cut) + relay.end()
+    events = [event_data(event) for event in out.split(b"\n\n") if event]
+    assert cut not in out
+    assert all(data == b"[DONE]" or isinstance(json.loads(data), dict) for data in events)
+
+
 # -- any chunk at all ----------------------------------------------------------------------------
 # Text that looks like the keys the byte path looks for, and the characters JSON escapes.
-TEXT = st.one_of(st.text(max_size=12), st.sampled_from([
+TEXT = st.one_of(st.text(min_size=1, max_size=12), st.sampled_from([
     '"finish_reason":null', '"index":1', '"reasoning":"x"', '"error":{}', '"usage":{"prompt_tokens":1}',
-    '\\', '"', '}', '{"id":', 'ü\n\t']))
+    'error', 'usage', '\\', '"', '}', '{"id":', 'ü\n\t', '']))
 DELTA_KEYS = st.sampled_from(["role", "content", "reasoning", "reasoning_content", "tool_calls"])
 FINISH = st.one_of(st.none(), st.sampled_from(["stop", "length", "tool_calls", "missing"]))
 
 
 @st.composite
 def chunks(draw) -> dict:
-    choices = []
-    for index in range(draw(st.integers(0, 2))):
-        delta = {}
-        for key in draw(st.lists(DELTA_KEYS, max_size=3, unique=True)):
-            delta[key] = ([{"index": 0, "function": {"arguments": draw(TEXT)}}] if key == "tool_calls"
-                          else draw(st.one_of(st.none(), TEXT)))
-        choice = {"index": index, "delta": delta, "logprobs": None}
-        finish = draw(FINISH)
-        if finish != "missing":
-            choice["finish_reason"] = finish
-        choices.append(choice)
-    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": choices}
+    """Chunks as vLLM writes them (its keys, in its order), each changed in up to two ways it may or
+    may not write: most look like the ones the byte path takes, and many differ in one detail."""
+    delta = draw(st.sampled_from([{"role": "assistant", "content": ""}, {"content": draw(TEXT)},
+                                  {"reasoning": draw(TEXT)}]))
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+    if draw(st.booleans()):
+        choice["token_ids"] = None
+    chunk = {"id": "chatcmpl-" + draw(TEXT), "object": "chat.completion.chunk", "created": 1,
+             "model": draw(TEXT), "choices": [choice]}
     if draw(st.booleans()):
         chunk["usage"] = {"prompt_tokens": 3, "total_tokens": 4, "completion_tokens": 1,
                           "completion_tokens_details": draw(st.one_of(st.none(), st.just({"reasoning_tokens": 0})))}
     if draw(st.booleans()):
-        chunk["error"] = {"message": draw(TEXT)}
+        chunk["prompt_token_ids"] = None
+    for change in draw(st.lists(st.sampled_from(CHANGES), max_size=2)):
+        change(draw, chunk)
+    if draw(st.booleans()) and draw(st.booleans()):  # a quarter of them without choices (usage chunks)
+        chunk["choices"] = []
     return chunk
+
+
+def _another_delta_key(draw, chunk):
+    key = draw(DELTA_KEYS)
+    chunk["choices"][0]["delta"][key] = ([{"index": 0, "function": {"arguments": draw(TEXT)}}]
+                                         if key == "tool_calls" else draw(st.one_of(st.none(), TEXT)))
+
+
+def _finish(draw, chunk):
+    finish = draw(FINISH)
+    if finish == "missing":
+        chunk["choices"][0].pop("finish_reason", None)
+    else:
+        chunk["choices"][0]["finish_reason"] = finish
+
+
+def _second_choice(draw, chunk):
+    chunk["choices"].append({"index": 1, "delta": {"content": draw(TEXT)}, "logprobs": None,
+                             "finish_reason": draw(st.sampled_from([None, "stop"]))})
+
+
+CHANGES = [
+    _another_delta_key, _finish, _finish, _finish, _second_choice,
+    lambda draw, chunk: chunk.update(error={"message": draw(TEXT)}),
+    lambda draw, chunk: chunk["choices"][0].update(logprobs={"content": [{"token": draw(TEXT), "logprob": -1.0}]}),
+    lambda draw, chunk: chunk["choices"][0].update(index=draw(st.sampled_from([1, "0", None]))),
+    lambda draw, chunk: chunk.update(usage={"prompt_tokens": draw(st.sampled_from([None, "7", 7]))}),
+]
 
 
 @settings(max_examples=600, deadline=None)

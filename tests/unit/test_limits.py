@@ -5,6 +5,10 @@ import threading
 
 import pytest
 
+from limits import parse
+
+from dce_proxy.errors import ApiError
+from dce_proxy.limits import RateLimits
 from unit_helpers import ALICE_KEY, BOB_KEY, assert_error, bearer
 
 BODY = {"prompt": "hi"}
@@ -70,6 +74,29 @@ def test_unreachable_redis_is_a_503_not_a_crash(make_app):
     assert r.get_json()["error"]["code"] == "limits_store_unavailable"
     assert int(r.headers["Retry-After"]) >= 1
     assert c.get("/healthz").status_code == 200
+
+
+def test_unknown_paths_spend_no_budget(make_app):
+    c = make_app(DCE_RATE_LIMIT="2/minute").test_client()
+    for path in ("/static/app.js", "/nowhere", "/v1/nowhere"):
+        assert c.get(path, headers=bearer(ALICE_KEY)).status_code == 404, path
+    assert completions(c, bearer(ALICE_KEY)).status_code == 200
+    assert completions(c, bearer(ALICE_KEY)).status_code == 200
+    assert_rate_limited(completions(c, bearer(ALICE_KEY)))
+
+
+def test_a_request_refused_by_a_short_window_spends_nothing_of_a_longer_one():
+    rates = RateLimits("memory://", "5/hour;2/minute", "10/minute")  # listed longest first on purpose
+    refused = 0
+    for _ in range(6):
+        try:
+            rates.count_request("alice")
+        except ApiError as error:
+            assert error.status == 429 and 1 <= error.retry_after <= 61
+            refused += 1
+    assert refused == 4
+    # Only the two requests served spent the hour's budget: the next minute may serve two more.
+    assert rates._window.get_window_stats(parse("5/hour"), "requests", "alice").remaining == 3
 
 
 def test_rate_limit_is_one_budget_across_routes(make_app):

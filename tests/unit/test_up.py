@@ -27,7 +27,7 @@ def checkout(tmp_path):
                         f'echo "$*" >> {tmp_path}/built; echo "${{DCE_BUILD_FRESH:-cached}}" >> {tmp_path}/fresh'),
                        (stubs / "docker", f'echo "$*" >> {tmp_path}/docker'),
                        (stubs / "nvidia-smi", "exit 1"),  # no GPU, even on a host that has one
-                       (stubs / "nproc", 'echo "${STUB_CORES:-2}"')]:  # a 2-core host, whatever this one is
+                       (stubs / "nproc", 'echo "${OMP_NUM_THREADS:-${STUB_CORES:-2}}"')]:  # 2 cores; OMP_* as nproc
         path.write_text(f"#!/bin/sh\n{body}\n")
         path.chmod(0o755)
     return tmp_path
@@ -70,6 +70,13 @@ def test_an_unset_worker_count_is_chosen_from_the_cores_once_and_kept(checkout, 
     assert f"DCE_PROXY_WORKERS={workers} for this host's {cores} cores" in result.stdout
     assert (checkout / "built").read_text() == built  # several workers: their Redis too
     assert ("compose.scale.yaml" in _env(checkout, "COMPOSE_FILE")[-1]) == (workers != "1")
+
+
+def test_the_worker_count_counts_the_cores_whatever_openmp_is_told(checkout):
+    # nproc reports OMP_NUM_THREADS when set, as it often is in an ML user's shell.
+    result = _up(checkout, "DCE_IMAGES=local\n", {"STUB_CORES": "16", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _env(checkout, "DCE_PROXY_WORKERS") == ["4"]
 
 
 def test_a_worker_count_that_is_not_a_number_stops_make_up(checkout):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app
 
-from ..chunks import choices, error_chunks, for_extension, mirror_reasoning, for_extension_bytes
+from ..chunks import choices, error_chunks, for_extension, for_extension_bytes, mirror_reasoning
 from ..errors import ApiError, upstream_garbage
 from ..limits import holds_generation_slot, waits_for_generation_slot
 from ..payload import (boolean, check_messages, integer, json_object, number, stop_sequences, string)
