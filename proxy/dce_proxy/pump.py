@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import urllib3
 
 from .errors import ApiError, upstream_garbage, upstream_unavailable
+from .event_loop import start_beside
 from .upstream import Upstream, UpstreamStreamError, iter_body, read_all
 
 log = logging.getLogger("dce_proxy")
@@ -51,7 +52,7 @@ class Pump:
         self._changed = threading.Condition()  # an item put, or taken
         self._answer: urllib3.BaseHTTPResponse | None = None
         self._closed = False
-        threading.Thread(target=self._run, args=(path, body), name="dce-upstream", daemon=True).start()
+        start_beside(self._run, path, body, name="dce-upstream")
 
     def get(self, timeout: float):
         """The next item, chunks that came in a row joined into one; queue.Empty if none came within
