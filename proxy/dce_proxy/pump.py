@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import urllib3
 
 from .errors import ApiError, upstream_garbage, upstream_unavailable
-from .event_loop import start_beside
 from .upstream import Upstream, UpstreamStreamError, iter_body, read_all
 
 log = logging.getLogger("dce_proxy")
@@ -52,7 +51,7 @@ class Pump:
         self._changed = threading.Condition()  # an item put, or taken
         self._answer: urllib3.BaseHTTPResponse | None = None
         self._closed = False
-        start_beside(self._run, path, body, name="dce-upstream")
+        threading.Thread(target=self._run, args=(path, body), name="dce-upstream", daemon=True).start()
 
     def get(self, timeout: float):
         """The next item, chunks that came in a row joined into one; queue.Empty if none came within

@@ -10,6 +10,7 @@ errors with their status); later, the client already has its 200 and errors beco
 from __future__ import annotations
 
 import queue
+import select
 import socket
 import time
 from typing import Callable, Iterator, Protocol
@@ -18,7 +19,6 @@ import redis
 from flask import Response, current_app, request
 
 from .errors import ApiError, limits_store_unavailable, too_many, upstream_error, upstream_error_answer
-from .event_loop import readable_now
 from .limits import Slot
 from .metrics import STREAMS_IN_FLIGHT, key_label
 from .pump import ENDED, OPENED, Failed, Pump, Refused
@@ -64,7 +64,8 @@ def _client_gone_probe(environ: dict) -> Callable[[], bool]:
 
     def gone() -> bool:
         try:
-            return readable_now(sock) and sock.recv(1, socket.MSG_PEEK) == b""
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
 

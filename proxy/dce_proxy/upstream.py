@@ -17,7 +17,6 @@ from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, Re
 
 from .config import Settings
 from .errors import ApiError, upstream_garbage, upstream_timeout, upstream_unavailable
-from .event_loop import UpstreamConnection, UpstreamTlsConnection
 from .model_status import not_ready_reason
 
 log = logging.getLogger("dce_proxy")
@@ -79,7 +78,6 @@ class Upstream:
         self._pool = urllib3.connection_from_url(
             settings.vllm_url, maxsize=2048, block=False, retries=False, timeout=self._timeout,
             socket_options=urllib3.connection.HTTPConnection.default_socket_options + _KEEPALIVE)
-        self._pool.ConnectionCls = UpstreamTlsConnection if url.scheme == "https" else UpstreamConnection
         self._model_status_file = settings.model_status_file
         self._models: ModelInfo | None = None
         self._models_read_at = 0.0
