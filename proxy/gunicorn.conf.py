@@ -12,7 +12,8 @@ worker_class = "gevent"
 # each one to a pool of 10 threads, and a burst of new connections to vLLM queued there (make bench:
 # 1,000 streams on a fresh worker, 668 open at once and TTFT p99 6.7 s; with c-ares 1,000 and 1.9 s).
 os.environ.setdefault("GEVENT_RESOLVER", "ares")
-# One worker by default: the in-memory limits then hold for the whole service (see config.py).
+# One worker unless told (make up chooses from the host's cores): the in-memory limits then hold for
+# the whole service (see config.py); more need Redis.
 workers = int(os.environ.get("DCE_PROXY_WORKERS", "1"))
 worker_connections = int(os.environ.get("DCE_PROXY_WORKER_CONNECTIONS", "4096"))
 # With gevent this is only the worker's heartbeat: a long generation is never cut by it.

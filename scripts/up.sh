@@ -76,7 +76,7 @@ fi
 
 # Proxy workers: an unset DCE_PROXY_WORKERS is decided here once, from the host's cores, and kept in
 # .env. A quarter of the cores, 1 to 8: the rest is vLLM's (its API server, tokenizer and scheduler
-# run on the CPU), Caddy's and Redis's. One worker relays about 50,000 events/s on its core (make
+# run on the CPU), Caddy's and Redis's. One worker relays about 35,000 events/s on its core (make
 # bench); on a 2-core host a second one slowed 1,000 streams down (Redis, and cores shared with vLLM).
 workers=$(env_value DCE_PROXY_WORKERS)
 if [[ -z $workers ]]; then

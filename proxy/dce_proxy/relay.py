@@ -175,7 +175,8 @@ class Rewriter:
 
 
 def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: EventRewriter | None = None,
-            rewrite_event_bytes: BytesRewriter | None = None, rewrite_json: Callable[[dict], dict] | None = None) -> Response:
+            rewrite_event_bytes: BytesRewriter | None = None,
+            rewrite_json: Callable[[dict], dict] | None = None) -> Response:
     """Sends a checked body to vLLM (model and token budget fitted) and relays the answer."""
     upstream = current_app.extensions["dce_upstream"]
     fit_to_model(body, upstream.models())

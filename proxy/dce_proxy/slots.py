@@ -189,7 +189,7 @@ class LeasedSlots(_Slots):
     def _take(self, client: str, cap: int) -> Release | None:
         key = f"dce-slots/{client}"
         lease = f"{os.getpid()}-{id(self)}-{next(self._ids)}"
-        # A RedisError here becomes the 503 of limits.py's error handler, as flask-limiter's do.
+        # A RedisError here becomes the 503 of limits.py's error handler, as the rate limits' do.
         if not self._acquire(keys=[key], args=[cap, LEASE_SECONDS, lease]):
             return None
         self._held[lease] = key

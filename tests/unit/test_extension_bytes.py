@@ -179,4 +179,5 @@ def test_the_byte_path_sends_exactly_what_decoding_sends_or_leaves_the_chunk_to_
         fast, fast_record = _relayed([data], True, asked)
         slow, slow_record = _relayed([data], False, asked)
         assert fast == slow
-        assert (fast_record.prompt_tokens, fast_record.text_events) == (slow_record.prompt_tokens, slow_record.text_events)
+        assert (fast_record.prompt_tokens, fast_record.text_events) == \
+               (slow_record.prompt_tokens, slow_record.text_events)
