@@ -30,6 +30,18 @@ def _body(index: int, *, for_vllm: bool = False) -> dict:
     return body
 
 
+def _failures(timeline: list) -> str:
+    """When and how far the failed streams got: whether a stall hit streams opened together, before or
+    after their answer's headers, and before or after their first token."""
+    lines = []
+    for opened, ended, client, result in sorted(timeline, key=lambda row: row[0]):
+        if result.status != 200 or result.failure:
+            lines.append(f"  client {client:3d}: opened at {opened:5.1f} s, failed at {ended:5.1f} s, "
+                         f"status {result.status}, {result.chunks} chunks, {result.heartbeats} heartbeats: "
+                         f"{result.failure}")
+    return "\n".join(lines)
+
+
 def test_200_streams_for_a_minute_lose_nothing(stack):
     reference = {}
 
@@ -43,9 +55,13 @@ def test_200_streams_for_a_minute_lose_nothing(stack):
         results = []
         with stack.session() as session:
             while time.monotonic() - started < HOLD_SECONDS:
-                results.append((index % PROMPTS, post_like_extension(session, url, _body(index % PROMPTS))))
+                opened = time.monotonic() - started
+                result = post_like_extension(session, url, _body(index % PROMPTS))
+                timeline.append((opened, time.monotonic() - started, index, result))
+                results.append((index % PROMPTS, result))
         return results
 
+    timeline = []  # (opened, ended, client, result): what a failure report shows
     started = time.monotonic()
     # The direct streams run in the same window, so vLLM batches both alike.
     reference_thread = threading.Thread(target=direct)
@@ -57,7 +73,7 @@ def test_200_streams_for_a_minute_lose_nothing(stack):
 
     expected = reference["answers"]
     errors = [result.failure for _, result in results if result.status != 200 or result.failure]
-    assert not errors, f"{len(errors)} of {len(results)} streams failed, first: {errors[0]}"
+    assert not errors, f"{len(errors)} of {len(results)} streams failed, first: {errors[0]}\n" + _failures(timeline)
     compared = 0
     for prompt, result in results:
         assert result.finish_reason == "length" and result.saw_done
