@@ -6,8 +6,10 @@ the load lasts a minute however fast the engine is."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import figures
@@ -30,10 +32,29 @@ def _body(index: int, *, for_vllm: bool = False) -> dict:
     return body
 
 
-def _failures(timeline: list) -> str:
+def _failures(timeline: list, proxy_log: str) -> str:
     """When and how far the failed streams got: whether a stall hit streams opened together, before or
-    after their answer's headers, and before or after their first token."""
-    lines = []
+    after their answer's headers, and before or after their first token; and what the proxy logged
+    (a request it never answered has no access line; its warnings and errors, each once)."""
+    ended = Counter()
+    worst_ttft = {}
+    notes = Counter()
+    for line in proxy_log.splitlines():
+        try:
+            entry = json.loads(line.split("| ", 1)[-1])
+        except ValueError:
+            if "[ERROR]" in line or "[WARNING]" in line or "[CRITICAL]" in line:
+                notes[line.split("] ", 3)[-1][:160]] += 1
+            continue
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("logger") == "dce_proxy.access" and str(entry.get("key_id", "")).startswith("load"):
+            ended[(entry.get("status"), entry.get("outcome"), entry.get("worker"))] += 1
+            worst_ttft[entry.get("worker")] = max(worst_ttft.get(entry.get("worker"), 0), entry.get("ttft_ms") or 0)
+        elif entry.get("level") in ("warning", "error", "critical"):
+            notes[str(entry.get("message"))[:160]] += 1
+    lines = [f"proxy's access lines (status, outcome, worker): {dict(ended)}; worst TTFT per worker (ms): "
+             f"{worst_ttft}; its warnings and errors: {dict(notes) or 'none'}"]
     for opened, ended, client, result in sorted(timeline, key=lambda row: row[0]):
         if result.status != 200 or result.failure:
             lines.append(f"  client {client:3d}: opened at {opened:5.1f} s, failed at {ended:5.1f} s, "
@@ -73,7 +94,8 @@ def test_200_streams_for_a_minute_lose_nothing(stack):
 
     expected = reference["answers"]
     errors = [result.failure for _, result in results if result.status != 200 or result.failure]
-    assert not errors, f"{len(errors)} of {len(results)} streams failed, first: {errors[0]}\n" + _failures(timeline)
+    assert not errors, f"{len(errors)} of {len(results)} streams failed, first: {errors[0]}\n" + _failures(
+        timeline, stack.container("proxy").logs(since=int(time.time() - held - 5)).decode(errors="replace"))
     compared = 0
     for prompt, result in results:
         assert result.finish_reason == "length" and result.saw_done
