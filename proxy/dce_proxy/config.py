@@ -100,7 +100,7 @@ def _check_consistency(settings: Settings) -> None:
         )
     if settings.default_n > settings.max_n:
         raise ConfigError(f"DCE_DEFAULT_N ({settings.default_n}) is above DCE_MAX_N ({settings.max_n})")
-    if settings.workers > 1 and not settings.ratelimit_storage_uri.startswith(("redis://", "rediss://")):
+    if settings.workers > 1 and not in_redis(settings.ratelimit_storage_uri):
         # Each worker would count on its own: limits would silently multiply by the worker count.
         raise ConfigError(
             "DCE_PROXY_WORKERS > 1 needs the limits shared in Redis: DCE_RATELIMIT_STORAGE_URI=redis://...; "
@@ -196,6 +196,11 @@ def _read_secret(path: str, name: str) -> str:
 
 
 _PASSWORD = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def in_redis(storage_uri: str) -> bool:
+    """Whether the limits live in Redis (shared by the workers), not in each worker's memory."""
+    return storage_uri.startswith(("redis://", "rediss://"))
 
 
 def _with_password(storage_uri: str, password: str) -> str:

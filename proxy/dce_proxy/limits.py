@@ -17,10 +17,11 @@ from limits import RateLimitItem, parse, parse_many
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
+from .config import in_redis
 from .errors import ApiError, limits_store_unavailable, too_many
 from .metrics import QUEUE_WAITING, key_label
 from .record import current_record
-from .slots import Release, Ticket, slot_store
+from .slots import REDIS_TIMEOUTS, Release, Ticket, slot_store
 
 # A finished stream frees its slot at once; this only tells clients when to look again.
 _SLOT_RETRY_AFTER = 2
@@ -52,7 +53,8 @@ class RateLimits:
     authentications per address (DCE_AUTH_FAILURE_LIMIT), in one store."""
 
     def __init__(self, storage_uri: str, rate_limit: str, auth_failure_limit: str):
-        self._window = MovingWindowRateLimiter(storage_from_string(storage_uri))
+        options = REDIS_TIMEOUTS if in_redis(storage_uri) else {}
+        self._window = MovingWindowRateLimiter(storage_from_string(storage_uri, **options))
         # Shortest window first, as flask-limiter checked them: a request refused by a short window
         # must not spend the budget of a longer one.
         self._rate = sorted(parse_many(rate_limit))

@@ -13,6 +13,8 @@ from typing import Callable
 
 import redis
 
+from .config import in_redis
+
 log = logging.getLogger("dce_proxy")
 
 Release = Callable[[], None]
@@ -21,6 +23,9 @@ Release = Callable[[], None]
 # its worker last renewed it, so those slots come back by themselves.
 LEASE_SECONDS = 30
 _RENEW_EVERY_SECONDS = 10
+# Every talk with Redis (slots here, rate limits in limits.py) gives up after this: a Redis that stopped
+# answering is then a 503 (limits_store_unavailable), never a request that hangs with nothing sent.
+REDIS_TIMEOUTS = {"socket_timeout": 2, "socket_connect_timeout": 2}
 # How often the first request of a line asks again for a slot that may have been freed elsewhere.
 _RETRY_SECONDS = 0.2
 
@@ -179,7 +184,7 @@ class LeasedSlots(_Slots):
 
     def __init__(self, uri: str):
         super().__init__()
-        self._redis = redis.Redis.from_url(uri, socket_timeout=2, socket_connect_timeout=2)
+        self._redis = redis.Redis.from_url(uri, **REDIS_TIMEOUTS)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
         self._held: dict[str, str] = {}  # lease id -> Redis key
@@ -224,6 +229,6 @@ class LeasedSlots(_Slots):
 
 
 def slot_store(storage_uri: str) -> LocalSlots | LeasedSlots:
-    if storage_uri.startswith(("redis://", "rediss://")):
+    if in_redis(storage_uri):
         return LeasedSlots(storage_uri)
     return LocalSlots()

@@ -1,6 +1,7 @@
 """Rate limit per key (per client IP, the last X-Forwarded-For hop, in open
 mode). Concurrency limits need a real server: see test_server.py."""
 
+import socket
 import threading
 
 import pytest
@@ -74,6 +75,39 @@ def test_unreachable_redis_is_a_503_not_a_crash(make_app):
     assert r.get_json()["error"]["code"] == "limits_store_unavailable"
     assert int(r.headers["Retry-After"]) >= 1
     assert c.get("/healthz").status_code == 200
+
+
+@pytest.fixture
+def silent_redis():
+    """A Redis that takes connections and never answers (a stuck or frozen one)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    stop.set()
+    listener.close()
+    for connection in held:
+        connection.close()
+
+
+def test_a_redis_that_stops_answering_is_a_503_not_a_hung_request(make_app, silent_redis):
+    c = make_app(DCE_PROXY_WORKERS="2", DCE_RATELIMIT_STORAGE_URI=silent_redis).test_client()
+    answers = []
+    asking = threading.Thread(target=lambda: answers.append(completions(c, bearer(ALICE_KEY))), daemon=True)
+    asking.start()
+    asking.join(20)  # the proxy gives up after its Redis timeouts (2 s each); a hang never ends
+    assert answers, "the request hung on a Redis that does not answer"
+    assert_error(answers[0], 503, type_="server_error")
+    assert answers[0].get_json()["error"]["code"] == "limits_store_unavailable"
 
 
 def test_unknown_paths_spend_no_budget(make_app):
