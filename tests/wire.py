@@ -80,6 +80,9 @@ class ExtensionResult:
     heartbeats: int = 0  # SSE comment lines
     unparsed: int = 0  # data lines that are not JSON
     failure: str | None = None  # why the tab failed: "Socket timeout", "HTTP 429", ...
+    # Where a Socket timeout struck (for a test's report; the tab shows the same either way):
+    # "connecting" (TCP), "waiting for the answer" (the TLS handshake or the headers) or "reading the answer".
+    timed_out: str | None = None
 
     @property
     def shown(self) -> tuple[str, str | None]:
@@ -181,8 +184,9 @@ def post_like_extension(session: requests.Session, url: str, body: dict, *,
         # The agent's one socket timeout covers connecting and the TLS handshake too.
         response = session.post(url, data=json.dumps(body), headers={"Content-Type": "application/json"},
                                 stream=True, timeout=(silence_limit, silence_limit))
-    except requests.Timeout:
-        return ExtensionResult(failure="Socket timeout")
+    except requests.Timeout as exc:
+        stage = "connecting" if isinstance(exc, requests.ConnectTimeout) else "waiting for the answer"
+        return ExtensionResult(failure="Socket timeout", timed_out=stage)
     except requests.ConnectionError as exc:
         return ExtensionResult(failure=f"Connection error: {exc}")
     with response:
@@ -198,6 +202,7 @@ def post_like_extension(session: requests.Session, url: str, body: dict, *,
         except requests.RequestException as exc:  # requests wraps a read timeout in a ConnectionError
             timed_out = isinstance(exc, requests.ConnectionError) and "timed out" in str(exc).lower()
             reader.result.failure = "Socket timeout" if timed_out else f"Connection error: {exc}"
+            reader.result.timed_out = "reading the answer" if timed_out else None
             return reader.result
     return reader.close()
 

@@ -59,7 +59,7 @@ def _failures(timeline: list, proxy_log: str) -> str:
         if result.status != 200 or result.failure:
             lines.append(f"  client {client:3d}: opened at {opened:5.1f} s, failed at {ended:5.1f} s, "
                          f"status {result.status}, {result.chunks} chunks, {result.heartbeats} heartbeats: "
-                         f"{result.failure}")
+                         f"{result.failure}" + (f" ({result.timed_out})" if result.timed_out else ""))
     return "\n".join(lines)
 
 

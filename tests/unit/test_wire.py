@@ -75,17 +75,18 @@ def silent_server(first_bytes: bytes):
     return f"http://127.0.0.1:{listener.getsockname()[1]}/", stop
 
 
-@pytest.mark.parametrize("first_bytes", [
-    b"",  # no headers at all
-    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+@pytest.mark.parametrize("first_bytes, stage", [
+    (b"", "waiting for the answer"),  # no headers at all
+    (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+     "reading the answer"),
 ])
-def test_silence_longer_than_the_limit_is_a_socket_timeout(first_bytes):
+def test_silence_longer_than_the_limit_is_a_socket_timeout(first_bytes, stage):
     url, stop = silent_server(first_bytes)
     try:
         result = post_like_extension(requests.Session(), url, extension_body("hi"), silence_limit=0.3)
     finally:
         stop.set()
-    assert result.failure == "Socket timeout"
+    assert result.failure == "Socket timeout" and result.timed_out == stage
 
 
 def test_on_chunk_false_closes_like_the_stop_button():
