@@ -62,10 +62,10 @@ images: ## Build every image locally, without a registry
 
 # Each requirements.in holds the pins a person chooses; its requirements.txt, every package that
 # ends up installed, with its sha256 (pip then installs nothing else and nothing altered).
-lock: ## Re-resolve requirements.in into the hash-locked requirements.txt (proxy, tests)
+lock: ## Re-resolve requirements.in into the hash-locked requirements.txt (proxy, router, tests)
 	python3 -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check $(PIP_TOOLS)
-	for dir in proxy tests; do \
+	for dir in proxy router tests; do \
 	  (cd $$dir && ../$(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
 	    --no-emit-index-url --no-emit-find-links -o requirements.txt requirements.in) || exit 1; \
 	done

@@ -14,10 +14,11 @@ PROXY=dce-proxy:local
 VLLM=dce-vllm-cpu:0.32.0-tiny
 LIMITS=dce-limits:local
 PROMETHEUS=dce-prometheus:local
+ROUTER=dce-router:local
 
-wanted=" ${*:-base caddy proxy limits prometheus vllm} "
+wanted=" ${*:-base caddy proxy limits prometheus router vllm} "
 for name in $wanted; do
-  [[ " base caddy proxy limits prometheus vllm " == *" $name "* ]] || { echo "unknown image: $name (base|caddy|proxy|limits|prometheus|vllm)" >&2; exit 2; }
+  [[ " base caddy proxy limits prometheus router vllm " == *" $name "* ]] || { echo "unknown image: $name (base|caddy|proxy|limits|prometheus|router|vllm)" >&2; exit 2; }
 done
 
 scripts/ensure-docker.sh >/dev/null
@@ -71,6 +72,10 @@ fi
 
 if [[ $wanted == *" prometheus "* ]]; then
   in_background build "$PROMETHEUS" monitoring/
+fi
+
+if [[ $wanted == *" router "* ]]; then
+  in_background build "$ROUTER" router/
 fi
 
 if [[ $wanted == *" vllm "* ]]; then

@@ -92,6 +92,23 @@ if (( workers > 1 )); then
   files+=(compose.scale.yaml)
   say "$workers proxy workers: their limits are shared through Redis (compose.scale.yaml)"
 fi
+# More than one vLLM (replicas here, servers on other hosts): the vLLM router before them, each
+# DCE batch on one of them (compose.router.yaml); its list of vLLM servers is kept in .env.
+replicas=$(env_value VLLM_REPLICAS); replicas=${replicas:-1}
+remote=$(env_value VLLM_REMOTE_URLS)
+urls=http://vllm:8000
+if [[ $replicas != 1 ]]; then
+  cpu=(); [[ " ${files[*]} " != *" compose.cpu.yaml "* ]] || cpu=(--cpu)
+  urls=$(python3 scripts/replicas.py "$replicas" "$(env_value VLLM_GPUS)" "${cpu[@]}")
+  files+=(compose.router.yaml compose.replicas.yaml)
+  [[ ${#cpu[@]} == 0 ]] || files+=(compose.replicas.cpu.yaml)
+elif [[ -n $remote ]]; then
+  files+=(compose.router.yaml)
+fi
+if [[ " ${files[*]} " == *" compose.router.yaml "* ]]; then
+  set_env_value VLLM_WORKER_URLS "$(echo "$urls" $remote)"
+  say "$replicas vLLM replica(s) here${remote:+ and VLLM_REMOTE_URLS}: the vLLM router spreads the conversations over them (compose.router.yaml)"
+fi
 if [[ $(env_value DCE_MONITORING) == true ]]; then
   files+=(compose.monitoring.yaml)
   say "monitoring: Prometheus on http://127.0.0.1:$(port=$(env_value PROMETHEUS_PORT); echo "${port:-9090}") (compose.monitoring.yaml)"
@@ -132,7 +149,8 @@ case $images in
     if [[ $(env_value CADDY_IMAGE) == dce-* ]]; then  # switched from local: the registry's names again
       for setting in CADDY_IMAGE=caddy:2.11.7 PROXY_IMAGE=dce-proxy:latest LIMITS_IMAGE=dce-limits:latest \
           PROMETHEUS_IMAGE=prom/prometheus:v3.5.0 PROXY_BASE_IMAGE=python:3.11-slim-bookworm \
-          LIMITS_BASE_IMAGE=debian:bookworm-slim; do
+          LIMITS_BASE_IMAGE=debian:bookworm-slim ROUTER_IMAGE=dce-router:latest \
+          ROUTER_BASE_IMAGE=python:3.11-slim-bookworm; do
         set_env_value "${setting%%=*}" "${setting#*=}"
       done
     fi
@@ -148,6 +166,7 @@ case $images in
     [[ " ${files[*]} " != *" compose.scale.yaml "* ]] || needed+=(limits)
     [[ " ${files[*]} " != *" compose.cpu.yaml "* ]] || needed+=(vllm)
     [[ " ${files[*]} " != *" compose.monitoring.yaml "* ]] || needed+=(prometheus)
+    [[ " ${files[*]} " != *" compose.router.yaml "* ]] || needed+=(router)
     say "DCE_IMAGES=local: bringing ${needed[*]} up to date (scripts/build-images.sh)"
     # An upgrade builds every layer again (Debian's security updates); a start reuses the cache.
     DCE_BUILD_FRESH=${DCE_UPGRADE:-} scripts/build-images.sh "${needed[@]}"
@@ -156,9 +175,11 @@ case $images in
     set_env_value PROXY_IMAGE dce-proxy:local
     set_env_value LIMITS_IMAGE dce-limits:local
     set_env_value PROMETHEUS_IMAGE dce-prometheus:local
+    set_env_value ROUTER_IMAGE dce-router:local
     # A later build by compose itself (an image pruned meanwhile) must not pull its base either.
     set_env_value PROXY_BASE_IMAGE dce-base:bookworm
     set_env_value LIMITS_BASE_IMAGE dce-base:bookworm
+    set_env_value ROUTER_BASE_IMAGE dce-base:bookworm
     build=()
     ;;
   *)

@@ -50,6 +50,9 @@ class Settings:
     model_status_file: str = ""  # the model download's state (download_model.py), for the 503's reason
     ratelimit_storage_uri: str = field(default="memory://", repr=False)  # may hold the Redis password
     workers: int = 1
+    # vLLM_URL is the vLLM router before several replicas (compose.router.yaml): each generation
+    # then names its conversation (affinity.py), so that a DCE batch stays on one replica.
+    session_affinity: bool = False
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -85,6 +88,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             env.get("DCE_RATELIMIT_STORAGE_URI", Settings.ratelimit_storage_uri).strip(),
             _read_secret(env.get("DCE_RATELIMIT_PASSWORD_FILE", "").strip(), "DCE_RATELIMIT_PASSWORD_FILE")),
         workers=reader.integer("DCE_PROXY_WORKERS", Settings.workers, 1, 64),
+        session_affinity=reader.boolean("DCE_SESSION_AFFINITY", False),
     )
     _check_consistency(settings)
     return settings

@@ -14,6 +14,7 @@ import collections
 import logging
 import queue
 import threading
+from typing import Mapping
 from dataclasses import dataclass
 
 import urllib3
@@ -45,13 +46,13 @@ class Refused:
 
 
 class Pump:
-    def __init__(self, upstream: Upstream, path: str, body: bytes):
+    def __init__(self, upstream: Upstream, path: str, body: bytes, headers: Mapping[str, str]):
         self._upstream = upstream
         self._items: collections.deque = collections.deque()
         self._changed = threading.Condition()  # an item put, or taken
         self._answer: urllib3.BaseHTTPResponse | None = None
         self._closed = False
-        threading.Thread(target=self._run, args=(path, body), name="dce-upstream", daemon=True).start()
+        threading.Thread(target=self._run, args=(path, body, headers), name="dce-upstream", daemon=True).start()
 
     def get(self, timeout: float):
         """The next item, chunks that came in a row joined into one; queue.Empty if none came within
@@ -90,9 +91,9 @@ class Pump:
             self._items.clear()
             self._changed.notify_all()
 
-    def _run(self, path: str, body: bytes) -> None:
+    def _run(self, path: str, body: bytes, headers: Mapping[str, str]) -> None:
         try:
-            self._put(self._pump(path, body))
+            self._put(self._pump(path, body, headers))
         except Exception:  # a pump that dies silently would leave its client heart-beating forever
             if not self._closed:  # a read cut by close() is the normal end of an abandoned stream
                 log.exception("reading vLLM's stream failed")
@@ -101,10 +102,10 @@ class Pump:
             if self._answer is not None:
                 self._answer.close()  # a no-op for an answer read to its end (its connection is pooled)
 
-    def _pump(self, path: str, body: bytes):
+    def _pump(self, path: str, body: bytes, headers: Mapping[str, str]):
         """Puts OPENED and the body chunks; returns the last item."""
         try:
-            answer = self._upstream.request("POST", path, body=body, stream=True)
+            answer = self._upstream.request("POST", path, body=body, stream=True, headers=headers)
         except ApiError as error:
             return Failed(error)
         self._answer = answer

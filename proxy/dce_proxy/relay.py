@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import urllib3
 from flask import Response, current_app
 
+from .affinity import SESSION_HEADER, session_id
 from .errors import ApiError, from_upstream, upstream_error_answer, upstream_garbage, upstream_unavailable
 from .payload import fit_to_model
 from .record import RequestRecord, current_record
@@ -182,17 +183,19 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
     fit_to_model(body, upstream.models())
     record = current_record()
     slot = record.slot
+    headers = {SESSION_HEADER: session_id(record.key, body)} if current_app.config["DCE_SETTINGS"].session_affinity \
+        else {}
     if body.get("stream"):
         # A relay that rewrites each event can take vLLM's usage out of each again: it asks for it
         # in every event, so that a stream its client left still has vLLM's prompt count.
         usage_asked = ask_for_usage(body, in_every_event=rewrite_event is not None)
         relay = (Passthrough(error_event, record, usage_asked) if rewrite_event is None
                  else Rewriter(rewrite_event, error_event, record, usage_asked, rewrite_event_bytes))
-        return stream_response(upstream, path, json.dumps(body).encode(), relay, slot)
+        return stream_response(upstream, path, json.dumps(body).encode(), headers, relay, slot)
     if not slot.held:
         raise slot.refusal  # only a stream can wait in line: heartbeats keep its client
     answer = upstream.request("POST", path, body=json.dumps(body).encode(), stream=True,
-                              timeout=upstream.whole_answer_timeout)
+                              timeout=upstream.whole_answer_timeout, headers=headers)
     if answer.status >= 400:
         if answer.status == 404:
             upstream.forget_models()  # the served model may have changed under us

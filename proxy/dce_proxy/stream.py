@@ -13,7 +13,7 @@ import queue
 import select
 import socket
 import time
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Mapping, Protocol
 
 import redis
 from flask import Response, current_app, request
@@ -42,8 +42,10 @@ class Relay(Protocol):
     def end(self) -> bytes: ...
 
 
-def stream_response(upstream: Upstream, path: str, body: bytes, relay: Relay, slot: Slot) -> Response:
-    stream = _Stream(upstream, path, body, relay, slot, _client_gone_probe(request.environ), current_record())
+def stream_response(upstream: Upstream, path: str, body: bytes, headers: Mapping[str, str], relay: Relay,
+                    slot: Slot) -> Response:
+    stream = _Stream(upstream, path, body, headers, relay, slot, _client_gone_probe(request.environ),
+                     current_record())
     if slot.held:
         stream.start()
         early = stream.early_answer()
@@ -73,10 +75,10 @@ def _client_gone_probe(environ: dict) -> Callable[[], bool]:
 
 
 class _Stream:
-    def __init__(self, upstream: Upstream, path: str, body: bytes, relay: Relay, slot: Slot,
-                 client_gone: Callable[[], bool], record: RequestRecord):
+    def __init__(self, upstream: Upstream, path: str, body: bytes, headers: Mapping[str, str], relay: Relay,
+                 slot: Slot, client_gone: Callable[[], bool], record: RequestRecord):
         settings = current_app.config["DCE_SETTINGS"]
-        self._upstream, self._path, self._body = upstream, path, body
+        self._upstream, self._path, self._body, self._headers = upstream, path, body, headers
         self._relay, self._slot, self._client_gone = relay, slot, client_gone
         self._record = record
         self._in_flight = STREAMS_IN_FLIGHT.labels(key_label(record.key))
@@ -88,7 +90,7 @@ class _Stream:
         self._first = None  # the first item, when early_answer took it
 
     def start(self) -> None:
-        self._pump = Pump(self._upstream, self._path, self._body)
+        self._pump = Pump(self._upstream, self._path, self._body, self._headers)
         self._in_flight.inc()
 
     def close(self) -> None:

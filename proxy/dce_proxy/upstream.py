@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import urllib3
 from http.client import RemoteDisconnected
@@ -157,13 +157,15 @@ class Upstream:
     # -- requests --------------------------------------------------------------------------
 
     def request(self, method: str, path: str, *, body: bytes | None = None, stream: bool = False,
-                timeout: urllib3.Timeout | None = None) -> urllib3.BaseHTTPResponse:
-        """Sends one request; connection failures and 5xx-while-loading become ApiErrors.
+                timeout: urllib3.Timeout | None = None,
+                headers: Mapping[str, str] | None = None) -> urllib3.BaseHTTPResponse:
+        """Sends one request (with `headers` besides the proxy's own); connection failures and
+        5xx-while-loading become ApiErrors.
 
         vLLM's own 4xx answers are returned as they are, for the caller to pass through.
         """
         try:
-            response = self._urlopen(method, path, body, stream, timeout or self._timeout)
+            response = self._urlopen(method, path, body, stream, timeout or self._timeout, headers or {})
         except ReadTimeoutError:
             raise upstream_timeout("vLLM did not start answering in time.") from None
         except ConnectTimeoutError:  # also a refused connection, and a name that does not resolve yet
@@ -181,7 +183,7 @@ class Upstream:
         return upstream_unavailable(not_ready_reason(self._model_status_file) or otherwise)
 
     def _urlopen(self, method: str, path: str, body: bytes | None, stream: bool,
-                 timeout: urllib3.Timeout) -> urllib3.BaseHTTPResponse:
+                 timeout: urllib3.Timeout, headers: Mapping[str, str]) -> urllib3.BaseHTTPResponse:
         """One request; sent once more, on a new connection, if vLLM closed the connection without
         any answer: it never handled the request, so even a POST is safe to resend. Once only:
         a second silent close is vLLM failing, not a stale connection."""
@@ -189,7 +191,8 @@ class Upstream:
             try:
                 return self._pool.urlopen(
                     method, self._prefix + path, body=body, preload_content=not stream, redirect=False,
-                    headers={**self._headers, **({"Content-Type": "application/json"} if body is not None else {})},
+                    headers={**headers, **self._headers,
+                             **({"Content-Type": "application/json"} if body is not None else {})},
                     timeout=timeout,
                 )
             except ProtocolError as exc:

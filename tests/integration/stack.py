@@ -158,7 +158,7 @@ class Stack:
         return result.exit_code, result.output.decode(errors="replace")
 
 
-def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Path:
+def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str], extra_settings: list[str]) -> Path:
     keys = tmp / "dce_api_keys"
     load_lines = "".join(f"load{i}:{load_key}\n" for i, load_key in enumerate(load_keys))
     keys.write_text(f"curator:{key}\nother:{other_key}\n{load_lines}")
@@ -190,6 +190,7 @@ def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str]) -> Pat
         # The rate limits are tested in the unit suite; here they must not get in the way.
         "DCE_RATE_LIMIT=100000/minute",
         "DCE_AUTH_FAILURE_LIMIT=100000/minute",
+        *extra_settings,
     ]) + "\n")
     return env
 
@@ -235,7 +236,7 @@ def remove_stack(compose: DockerCompose) -> None:
 
 
 def start_stack(tmp: Path, *, project: str = PROJECT, compose_files: list[str] = COMPOSE_FILES,
-                load_keys: int = 10) -> Stack:
+                load_keys: int = 10, extra_settings: list[str] = ()) -> Stack:
     """Composes a stack (after removing one a killed run may have left) and waits until it answers
     through Caddy. On failure it prints the logs and removes the stack."""
     os.environ["COMPOSE_PROJECT_NAME"] = project
@@ -243,7 +244,7 @@ def start_stack(tmp: Path, *, project: str = PROJECT, compose_files: list[str] =
     os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
     key, other_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     load_key_list = [secrets.token_urlsafe(24) for _ in range(load_keys)]
-    env_file = _write_env(tmp, key, other_key, load_key_list)
+    env_file = _write_env(tmp, key, other_key, load_key_list, list(extra_settings))
     compose = DockerCompose(REPO, compose_file_name=compose_files, env_file=str(env_file),
                             build=False, pull=False, wait=True)
     remove_stack(compose)

@@ -11,12 +11,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _config(*files: str) -> dict:
+def _config(*files: str, **settings: str) -> dict:
+    """The merged configuration, with .env.example and `settings` (what `make up` writes into .env)."""
     args = ["docker", "compose", "--env-file", ".env.example"]
     for name in files:
         args += ["-f", name]
     # As a user runs it: none of the suite's COMPOSE_* settings, only .env.example.
-    env = {name: value for name, value in os.environ.items() if not name.startswith("COMPOSE_")}
+    env = {**{name: value for name, value in os.environ.items() if not name.startswith("COMPOSE_")}, **settings}
     result = subprocess.run(args + ["config", "--format", "json"], cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -91,6 +92,21 @@ def test_the_monitoring_profile_answers_on_this_host_only_and_keeps_its_data():
     assert {name for name, service in services.items() if service.get("ports")} == {"caddy", "prometheus"}
 
 
+def test_the_router_sits_on_the_backend_only_bounded_and_the_proxy_names_conversations_to_it():
+    services = _config("compose.yaml", "compose.router.yaml",
+                       VLLM_WORKER_URLS="http://vllm:8000 http://10.0.0.12:8000")["services"]
+    router = services["vllm-router"]
+    assert set(router["networks"]) == {"backend"} and not router.get("ports")
+    assert router["mem_limit"] and router["pids_limit"] and router["read_only"] and router["cap_drop"] == ["ALL"]
+    assert router["logging"]["options"] == {"max-size": "10m", "max-file": "5"}
+    assert router["image"] == "dce-router:latest" and router["build"]["context"] == str(REPO / "router")
+    command = router["command"]
+    assert command[:3] == ["--worker-urls", "http://vllm:8000", "http://10.0.0.12:8000"]
+    assert command[command.index("--policy") + 1] == "consistent_hash"
+    assert services["proxy"]["environment"]["VLLM_URL"] == "http://vllm-router:8000"
+    assert services["proxy"]["environment"]["DCE_SESSION_AFFINITY"] == "true"
+
+
 def test_every_service_of_every_profile_rotates_its_log():
     files = ("compose.yaml", "compose.cpu.yaml", "compose.scale.yaml", "compose.monitoring.yaml")
     services = {**_config(*files[:1], *files[2:])["services"], **_config(*files)["services"]}
@@ -113,7 +129,8 @@ def test_one_stop_grace_for_every_service_that_streams():
 # deployments: keys come from a secret file here), not settings an operator chooses in .env.
 _WIRED = {"VLLM_URL", "VLLM_API_KEY_FILE", "DCE_API_KEYS", "DCE_API_KEYS_FILE", "DCE_PROXY_BIND",
           "DCE_RATELIMIT_STORAGE_URI", "DCE_RATELIMIT_PASSWORD_FILE", "DCE_MODEL_STATUS_FILE",
-          "DCE_METRICS_PORT"}  # its default, 9100, is what monitoring/prometheus.yml scrapes
+          "DCE_METRICS_PORT",  # its default, 9100, is what monitoring/prometheus.yml scrapes
+          "DCE_SESSION_AFFINITY"}  # on with the vLLM router (compose.router.yaml)
 
 
 def test_every_setting_the_proxy_reads_is_in_env_example_and_reaches_the_proxy():

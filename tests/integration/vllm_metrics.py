@@ -40,8 +40,9 @@ def idle(sample: Sample) -> bool:
 
 
 class VllmMetrics:
-    def __init__(self, stack, names: list[str], *, service: str = "proxy"):
+    def __init__(self, stack, names: list[str], *, service: str = "proxy", replica: str = "vllm"):
         self._container = stack.container(service)
+        self._replica = replica
         self.names = names
         self.samples: list[Sample] = []
         self.errors: list[str] = []
@@ -50,7 +51,7 @@ class VllmMetrics:
 
     def __enter__(self) -> VllmMetrics:
         output = self._container.exec_run(["python3", "-c", SAMPLER, *self.names, str(MOST_SECONDS)],
-                                          stream=True).output
+                                          environment={"DCE_VLLM_HOST": self._replica}, stream=True).output
         threading.Thread(target=self._collect, args=(output,), name="vllm-metrics", daemon=True).start()
         self.wait_for(lambda sample: True, FIRST_SAMPLE_SECONDS, "a first sample of vLLM's metrics",
                       observer=True)

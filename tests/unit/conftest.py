@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 
 import figures
 from fake_vllm import FakeVLLM
+from make_up import make_checkout
 from unit_helpers import TEST_KEYS
 from wire import free_port
 
@@ -201,3 +202,9 @@ def default_proxy_server(_fake_vllm_server, tmp_path_factory):
     server = ProxyServer(app_env(_fake_vllm_server, {}), tmp_path_factory.mktemp("proxy"))
     yield server
     server.stop()
+
+
+@pytest.fixture()
+def checkout(tmp_path):
+    """`make up`'s copy of the checkout, with stubs (make_up.py)."""
+    return make_checkout(tmp_path)

@@ -3,47 +3,9 @@ what the host runs (issue 12). Docker and the image builds are stubs that record
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture()
-def checkout(tmp_path):
-    """A copy of what up.sh reads, with docker, ensure-docker.sh and build-images.sh recording calls."""
-    for name in (".env.example", "compose.yaml", "compose.cpu.yaml", "compose.scale.yaml", "compose.monitoring.yaml"):
-        shutil.copy(REPO / name, tmp_path / name)
-    (tmp_path / "scripts").mkdir()
-    shutil.copy(REPO / "scripts/up.sh", tmp_path / "scripts/up.sh")
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    for path, body in [(tmp_path / "scripts/ensure-docker.sh", "exit 0"),
-                       (tmp_path / "scripts/build-images.sh",
-                        f'echo "$*" >> {tmp_path}/built; echo "${{DCE_BUILD_FRESH:-cached}}" >> {tmp_path}/fresh'),
-                       (stubs / "docker", f'echo "$*" >> {tmp_path}/docker'),
-                       (stubs / "nvidia-smi", "exit 1"),  # no GPU, even on a host that has one
-                       (stubs / "nproc", 'echo "${OMP_NUM_THREADS:-${STUB_CORES:-2}}"')]:  # 2 cores; OMP_* as nproc
-        path.write_text(f"#!/bin/sh\n{body}\n")
-        path.chmod(0o755)
-    return tmp_path
-
-
-def _up(checkout: Path, env_lines: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    (checkout / ".env").write_text((REPO / ".env.example").read_text() + env_lines)
-    # The stubs first: the CPU profile (nvidia-smi finds no GPU), docker recording its calls.
-    path = f"{checkout / 'bin'}:{os.path.dirname(shutil.which('python3'))}:/usr/bin:/bin"
-    return subprocess.run(["bash", "scripts/up.sh"], cwd=checkout, capture_output=True, text=True,
-                          env={"PATH": path, "HOME": str(checkout), **(extra_env or {})})
-
-
-def _env(checkout: Path, name: str) -> list[str]:
-    return [line.split("=", 1)[1] for line in (checkout / ".env").read_text().splitlines()
-            if line.startswith(f"{name}=")]
+from make_up import env_values as _env, run_up as _up
 
 
 def test_local_images_build_only_what_the_host_runs(checkout):

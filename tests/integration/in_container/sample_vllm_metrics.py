@@ -20,7 +20,7 @@ patterns = {name: re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", re.M)
 print(json.dumps({"pid": os.getpid()}), flush=True)
 # Resolved once, one kept-alive connection: a lookup and a connection per sample would load
 # Docker's DNS and vLLM's server, which the tests measure, for nothing.
-address = socket.gethostbyname("vllm")
+address = socket.gethostbyname(os.environ.get("DCE_VLLM_HOST", "vllm"))  # a replica: vllm-2, ...
 connection = http.client.HTTPConnection(address, 8000, timeout=30)
 end = time.time() + float(most_seconds)
 while time.time() < end:
