@@ -212,9 +212,10 @@ def report(results: dict[str, list[dict]], skipped: int, took: dict[str, float])
     return lines
 
 
-def run(rounds: int = ROUNDS, deadline: float | None = None) -> list[str]:
-    """Starts the stack, measures, removes the stack; returns the report lines. No new round starts
-    after `deadline` (time.monotonic()), but at least one runs."""
+def run(rounds: int = ROUNDS, deadline: float | None = None) -> tuple[list[str], float]:
+    """Starts the stack, measures, removes the stack; returns the report lines and the median seconds
+    of a batch through the stack. No new round starts after `deadline` (time.monotonic()), but at
+    least one runs."""
     began = time.monotonic()
     with only_run(), tempfile.TemporaryDirectory(prefix="dce-bench-engine-") as tmp:
         print(f"engine run: starting the {PROJECT} stack (vLLM CPU engine) ...", flush=True)
@@ -228,7 +229,7 @@ def run(rounds: int = ROUNDS, deadline: float | None = None) -> list[str]:
         stopping = time.monotonic()
         stop_stack(stack.compose)
     took.update(stop=time.monotonic() - stopping, total=time.monotonic() - began)
-    return report(results, skipped, took)
+    return report(results, skipped, took), statistics.median(r["seconds"] for r in results["stack"])
 
 
 def main(argv=None) -> int:
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    lines = run(args.rounds)
+    lines, _ = run(args.rounds)
     print()
     print(f"== {TITLE} ==")
     print("\n".join(lines))

@@ -818,6 +818,7 @@ def main(argv=None) -> int:
         parser.error("--rounds must be at least 1")
     if not args.no_engine:
         import engine_batch  # needs docker and testcontainers, which the loopback part does not
+        import replicas_batch
 
     began = time.monotonic()
     # `make bench` passes when it began, so the budget also covers building the images.
@@ -840,7 +841,7 @@ def main(argv=None) -> int:
         runner = Runner(stack, wrk, args)
         preflight(stack, runner)
         # The real-engine run comes after the loopback scenarios: leave it its time.
-        engine_minutes = 0 if args.no_engine else engine_batch.MINUTES
+        engine_minutes = 0 if args.no_engine else engine_batch.MINUTES + replicas_batch.MINUTES
         budget_end = make_began + (args.budget_minutes - engine_minutes) * 60
         for scenario in plan:
             results[scenario.name] = {path: [] for path in PATHS}
@@ -879,12 +880,14 @@ def main(argv=None) -> int:
     (workdir / "results.json").write_text(json.dumps({"runs": results, "medians": medians}, indent=1))
 
     load_end = loadavg()
-    engine_lines = []
+    engine_lines, router_lines = [], []
     if not args.no_engine:
+        deadline = make_began + args.budget_minutes * 60
         try:
-            engine_lines = engine_batch.run(deadline=make_began + args.budget_minutes * 60)
+            engine_lines, one_replica = engine_batch.run(deadline=deadline - replicas_batch.MINUTES * 60)
+            router_lines = replicas_batch.run(one_replica, deadline=deadline)
         except Exception as exc:  # the loopback results are still worth printing
-            engine_lines = [f"!! the real-engine run failed: {exc}"]
+            engine_lines.append(f"!! the real-engine run failed: {exc}")
     print()
     print(f"== DCE proxy benchmark: medians of {args.rounds} rounds, paths alternating in one time window ==")
     print(f"machine: {CPUS} CPUs, open files limit {files}; before the bench: {idle_busy:.0f}% of all CPUs busy "
@@ -910,6 +913,10 @@ def main(argv=None) -> int:
         print()
         print(f"== {engine_batch.TITLE} ==")
         print("\n".join(engine_lines))
+    if router_lines:
+        print()
+        print(f"== {replicas_batch.TITLE} ==")
+        print("\n".join(router_lines))
     for name, lines in profiles.items():
         print()
         print(f"-- py-spy profile of the proxy worker, {name} (one extra, unmeasured run) --")

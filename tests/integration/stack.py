@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +159,23 @@ class Stack:
         return result.exit_code, result.output.decode(errors="replace")
 
 
-def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str], extra_settings: list[str]) -> Path:
+def replicas_compose(tmp: Path, replicas: int = 2) -> tuple[list[str], list[str]]:
+    """The compose files and settings of `make up` with VLLM_REPLICAS=`replicas` in the CPU profile
+    (the vLLM router before the replicas), with the test override: for start_stack."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from replicas import cpu_file, replica_names, replicas_file
+
+    generated = [tmp / "compose.replicas.yaml", tmp / "compose.replicas.cpu.yaml"]
+    generated[0].write_text(replicas_file(replicas, "", cpu=True, compose_dir=str(REPO)))
+    generated[1].write_text(cpu_file(replicas, compose_dir=str(REPO)))
+    files = ["compose.yaml", "compose.cpu.yaml", "compose.router.yaml", *map(str, generated), "compose.test.yaml",
+             "tests/integration/compose.replicas.test.yaml"]
+    urls = " ".join(f"http://{name}:8000" for name in replica_names(replicas))
+    return files, ["ROUTER_IMAGE=dce-router:local", f"VLLM_WORKER_URLS={urls}"]
+
+
+def _write_env(tmp: Path, project: str, key: str, other_key: str, load_keys: list[str],
+               extra_settings: list[str]) -> Path:
     keys = tmp / "dce_api_keys"
     load_lines = "".join(f"load{i}:{load_key}\n" for i, load_key in enumerate(load_keys))
     keys.write_text(f"curator:{key}\nother:{other_key}\n{load_lines}")
@@ -172,6 +189,9 @@ def _write_env(tmp: Path, key: str, other_key: str, load_keys: list[str], extra_
         path.chmod(0o644)  # the proxy reads it as an unprivileged user through the bind mount
     env = tmp / "test.env"
     env.write_text("\n".join([
+        # Each compose command of this stack names its project from here (--env-file): two stacks
+        # composed by one test session (test_replicas.py's beside the suite's) never mix.
+        f"COMPOSE_PROJECT_NAME={project}",
         "DCE_DOMAIN=localhost",
         "CADDY_IMAGE=dce-caddy:2.11.7",
         "PROXY_IMAGE=dce-proxy:local",
@@ -239,12 +259,12 @@ def start_stack(tmp: Path, *, project: str = PROJECT, compose_files: list[str] =
                 load_keys: int = 10, extra_settings: list[str] = ()) -> Stack:
     """Composes a stack (after removing one a killed run may have left) and waits until it answers
     through Caddy. On failure it prints the logs and removes the stack."""
-    os.environ["COMPOSE_PROJECT_NAME"] = project
+    os.environ.pop("COMPOSE_PROJECT_NAME", None)  # it would outrank the stack's own settings file
     os.environ["COMPOSE_BAKE"] = "false"
     os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
     key, other_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     load_key_list = [secrets.token_urlsafe(24) for _ in range(load_keys)]
-    env_file = _write_env(tmp, key, other_key, load_key_list, list(extra_settings))
+    env_file = _write_env(tmp, project, key, other_key, load_key_list, list(extra_settings))
     compose = DockerCompose(REPO, compose_file_name=compose_files, env_file=str(env_file),
                             build=False, pull=False, wait=True)
     remove_stack(compose)

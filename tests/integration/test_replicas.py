@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from stack import LONG_STREAM_TOKENS, REPO, remove_stack, start_stack
+from stack import LONG_STREAM_TOKENS, REPO, remove_stack, replicas_compose, start_stack
 from vllm_metrics import RUNNING, VllmMetrics
 from wire import extension_body, open_held_tab, wait_until
 
 sys.path.insert(0, str(REPO / "scripts"))
-from replicas import cpu_file, replica_names, replicas_file  # noqa: E402
+from replicas import replica_names  # noqa: E402
 
 PROJECT = "dce-replicas"
 REPLICAS = replica_names(2)
@@ -40,14 +40,8 @@ RETURN_SECONDS = 300
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("replicas")
-    generated = [tmp / "compose.replicas.yaml", tmp / "compose.replicas.cpu.yaml"]
-    generated[0].write_text(replicas_file(len(REPLICAS), "", cpu=True, compose_dir=str(REPO)))
-    generated[1].write_text(cpu_file(len(REPLICAS), compose_dir=str(REPO)))
-    files = ["compose.yaml", "compose.cpu.yaml", "compose.router.yaml", *map(str, generated), "compose.test.yaml",
-             "tests/integration/compose.replicas.test.yaml"]
-    stack = start_stack(tmp, project=PROJECT, compose_files=files, load_keys=0, extra_settings=[
-        "ROUTER_IMAGE=dce-router:local",
-        "VLLM_WORKER_URLS=" + " ".join(f"http://{name}:8000" for name in REPLICAS)])
+    files, settings = replicas_compose(tmp, len(REPLICAS))
+    stack = start_stack(tmp, project=PROJECT, compose_files=files, load_keys=0, extra_settings=settings)
     yield stack
     remove_stack(stack.compose)
 
