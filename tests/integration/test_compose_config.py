@@ -99,6 +99,7 @@ def test_the_router_sits_on_the_backend_only_bounded_and_the_proxy_names_convers
     assert set(router["networks"]) == {"backend"} and not router.get("ports")
     assert router["mem_limit"] and router["pids_limit"] and router["read_only"] and router["cap_drop"] == ["ALL"]
     assert router["logging"]["options"] == {"max-size": "10m", "max-file": "5"}
+    assert router["environment"]["RUST_LOG"] == "warn"  # no line per request
     assert router["image"] == "dce-router:latest" and router["build"]["context"] == str(REPO / "router")
     command = router["command"]
     assert command[:3] == ["--worker-urls", "http://vllm:8000", "http://10.0.0.12:8000"]

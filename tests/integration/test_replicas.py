@@ -99,6 +99,8 @@ def test_a_batch_and_its_later_turns_run_on_one_replica_which_reuses_the_prompt(
     # would send to either replica: four all on one by chance would be odds of 1 in 16.
     for turn in ("Why?", "Show the fix.", "Any other bug?", "Summarise."):
         assert _ran_on(replicas, _body(PROMPT, later_turn=turn), size=1)[home] == 1, turn
+    # The router logs no line per request: not the conversations' ids either.
+    assert b"session" not in replicas.container("vllm-router").logs().lower()
 
 
 def test_another_prompt_can_run_on_the_other_replica(replicas):
