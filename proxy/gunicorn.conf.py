@@ -8,10 +8,12 @@ import shutil
 
 bind = os.environ.get("DCE_PROXY_BIND", "0.0.0.0:8000")
 worker_class = "gevent"
-# Name lookups (vLLM's, Redis's) inside the worker's event loop, with c-ares: gevent's default sends
-# each one to a pool of 10 threads, and a burst of new connections to vLLM queued there (make bench:
-# 1,000 streams on a fresh worker, 668 open at once and TTFT p99 6.7 s; with c-ares 1,000 and 1.9 s).
-os.environ.setdefault("GEVENT_RESOLVER", "ares")
+# Name lookups (vLLM's, Redis's) go to gevent's default resolver, the system's, in a pool of threads:
+# it asks Docker's DNS each time. gevent's c-ares resolver was faster for a burst of new connections
+# (make bench: 1,000 streams on a fresh worker, 1,000 open at once instead of 668), but its query
+# cache kept a replaced container's old address for the DNS record's lifetime: after vLLM was
+# recreated, the proxy connected to whatever container got that address next (measured; a CI run
+# sent a whole batch elsewhere). tests/unit/test_server.py checks the resolver.
 # One worker unless told (make up chooses from the host's cores): the in-memory limits then hold for
 # the whole service (see config.py); more need Redis.
 workers = int(os.environ.get("DCE_PROXY_WORKERS", "1"))
