@@ -11,6 +11,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from .access_log import configure_logging, write_access_line
 from .auth import PathKeyMiddleware, authenticate
 from .config import Settings, load_settings
+from .cors import init_cors
 from .errors import register_error_handlers
 from .keys import KeyRing
 from .limits import init_limits
@@ -38,11 +39,13 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     register_error_handlers(app)
     configure_logging()
     init_records(app, [write_access_line, observe])
+    init_cors(app, settings.cors_origins)  # before the key check: a browser's preflight has no key
     app.before_request(refuse_while_stopping)  # a stop on its way starts nothing new, whoever asks
     app.before_request(authenticate)  # before the limiter: limits count per authenticated key
     init_limits(app)  # after authenticate: budgets are per key
     app.register_blueprint(health.bp)
     app.register_blueprint(openai.bp)
+    app.register_blueprint(openai.utility_bp)
     app.register_blueprint(dce.bp)
     _announce(settings)
     return app

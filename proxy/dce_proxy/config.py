@@ -53,6 +53,8 @@ class Settings:
     # vLLM_URL is the vLLM router before several replicas (compose.router.yaml): each generation
     # then names its conversation (affinity.py), so that a DCE batch stays on one replica.
     session_affinity: bool = False
+    # Browser origins (scheme://host[:port]) allowed to call the API; none: CORS is off (cors.py).
+    cors_origins: tuple[str, ...] = ()
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +91,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             _read_secret(env.get("DCE_RATELIMIT_PASSWORD_FILE", "").strip(), "DCE_RATELIMIT_PASSWORD_FILE")),
         workers=reader.integer("DCE_PROXY_WORKERS", Settings.workers, 1, 64),
         session_affinity=reader.boolean("DCE_SESSION_AFFINITY", False),
+        cors_origins=_parse_origins(env.get("DCE_CORS_ORIGINS", "")),
     )
     _check_consistency(settings)
     return settings
@@ -228,6 +231,19 @@ def _read_file(path: str, name: str) -> str:
         return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+
+
+# An origin as a browser sends it: scheme, host and an optional port, nothing after.
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(?::\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](?::\d{1,5})?")
+
+
+def _parse_origins(text: str) -> tuple[str, ...]:
+    origins = tuple(entry.strip().rstrip("/") for entry in text.split(",") if entry.strip())
+    for origin in origins:
+        if not _ORIGIN.fullmatch(origin):
+            # "*" included: a key in a page's script is the page's to leak; name the pages you trust.
+            raise ConfigError(f"DCE_CORS_ORIGINS lists origins like https://chat.example.com:8443, got {origin!r}")
+    return origins
 
 
 def _parse_aliases(text: str) -> dict[str, str]:

@@ -94,10 +94,14 @@ def _vllm_error_object(body: bytes) -> dict | None:
 
 def upstream_error(status: int, body: bytes) -> ApiError:
     """vLLM's error answer as an ApiError: its own when it is the JSON error we expect, else a 502;
-    a 5xx without it is the vLLM router finding no replica that answers, a 503 to retry."""
+    a 5xx without it is the vLLM router finding no replica that answers, a 503 to retry, and a 404
+    without it a route vLLM does not serve for its model (embeddings for a chat model)."""
     error = _vllm_error_object(body)
     if error is None and status >= 500:
         return upstream_unavailable(f"No vLLM server answered (HTTP {status}); try again in a few seconds.")
+    if error is None and status == 404:  # FastAPI's own 404: vLLM has no such route for its model
+        return ApiError(404, "The served model does not support this route.", "invalid_request_error",
+                        "unsupported_by_model")
     if error is None:
         return upstream_garbage(f"vLLM answered HTTP {status} without a JSON error.")
     return from_upstream(error, status)

@@ -100,24 +100,35 @@ def check_prompt(body: dict) -> None:
     raise invalid("prompt", "'prompt' must be a string or a non-empty list.")
 
 
+def check_input(body: dict) -> None:
+    """A Responses API request's input: a text, or a non-empty list of items."""
+    value = body.get("input")
+    if isinstance(value, str) or (isinstance(value, list) and value):
+        return
+    raise invalid("input", "'input' must be a string or a non-empty list of input items.")
+
+
+def map_model(body: dict, models: ModelInfo) -> dict:
+    """Any requested model name becomes a served one (an alias's target, else the default model)."""
+    requested = body.get("model")
+    if requested is not None and not isinstance(requested, str):
+        raise invalid("model", "'model' must be a string.")
+    model = current_app.config["DCE_SETTINGS"].model_aliases.get(requested or "", requested)
+    body["model"] = model if model in models.served else models.default
+    return body
+
+
 def fit_to_model(body: dict, models: ModelInfo) -> dict:
     """Maps any requested model name to a served one and lowers token budgets to the model's context.
 
     Clients like the DCE extension ask for "local-model" and 16384 tokens whatever is served;
     vLLM would answer 404 and 400 to those.
     """
-    settings = current_app.config["DCE_SETTINGS"]
-    requested = body.get("model")
-    if requested is not None and not isinstance(requested, str):
-        raise invalid("model", "'model' must be a string.")
-    model = settings.model_aliases.get(requested or "", requested)
-    if model not in models.served:
-        model = models.default
-    body["model"] = model
-    _check_sequences(body, settings.max_n)
+    map_model(body, models)
+    _check_sequences(body, current_app.config["DCE_SETTINGS"].max_n)
     boolean(body, "stream")
-    limit = models.max_model_len.get(model)
-    for name in ("max_tokens", "max_completion_tokens"):
+    limit = models.max_model_len.get(body["model"])
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         requested_tokens = integer(body, name, low=1)
         if limit and requested_tokens and requested_tokens > limit:
             body[name] = limit

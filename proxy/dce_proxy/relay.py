@@ -16,7 +16,8 @@ from .errors import ApiError, from_upstream, upstream_error_answer, upstream_gar
 from .payload import fit_to_model
 from .record import RequestRecord, current_record
 from .sse import DONE, EventSplitter, event_data, event_json, has_done, split_whole
-from .stream import stream_response
+from .response_events import ResponseEventsRelay
+from .stream import Relay, stream_response
 from .upstream import UpstreamStreamError, iter_body, read_all
 from .usage import (USAGE_KEY, UsageAsked, as_asked, as_asked_bytes, ask_for_usage, count_text_events,
                     count_usage_at_end)
@@ -64,7 +65,17 @@ def json_body_response(body: dict, status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, mimetype="application/json")
 
 
-class Passthrough:
+class _ChatEvents:
+    """A chat or completions stream: it ends with [DONE], after an error event of the route's shape."""
+
+    def __init__(self, error_event: ErrorEvent):
+        self.error_event = error_event
+
+    def ending(self, error: ApiError) -> bytes:
+        return self.error_event(error) + DONE
+
+
+class Passthrough(_ChatEvents):
     """vLLM's events go out byte for byte as it sent them, each as soon as it is complete. Only its
     usage event is read, and held back from a client that did not ask for it."""
 
@@ -72,7 +83,7 @@ class Passthrough:
     at_boundary = True  # it only ever sends whole events
 
     def __init__(self, error_event: ErrorEvent, record: RequestRecord, usage_asked: UsageAsked):
-        self.error_event = error_event
+        super().__init__(error_event)
         self.complete = False  # vLLM's [DONE] went out
         self.failed = False  # vLLM reported an error in the stream (and then sent [DONE])
         self._record = record
@@ -87,7 +98,7 @@ class Passthrough:
         # vLLM's last event without its blank line still goes out, ended, when it is whole: a cut
         # one would only break the client's parser before the error event that says why.
         out = b"".join(self._relayed(event + b"\n\n") for event in self._splitter.rest() if _whole(event))
-        return out if self.complete else out + self.error_event(upstream_unavailable(_EARLY_END)) + DONE
+        return out if self.complete else out + self.ending(upstream_unavailable(_EARLY_END))
 
     def _relayed(self, events: bytes) -> bytes:
         count_text_events(events, self._record)
@@ -110,7 +121,7 @@ def _whole(event: bytes) -> bool:
     return data is not None and (data.strip() == b"[DONE]" or event_json(data) is not None)
 
 
-class Rewriter:
+class Rewriter(_ChatEvents):
     """Each upstream event is rewritten and sent on its own, as soon as it is complete. Events that
     `rewrite_bytes` can rewrite on their bytes are (vLLM's usage taken out there too, unless asked):
     only the others are decoded, so that a route costs little more than passing through."""
@@ -119,7 +130,7 @@ class Rewriter:
 
     def __init__(self, rewrite: EventRewriter, error_event: ErrorEvent, record: RequestRecord,
                  usage_asked: UsageAsked, rewrite_bytes: BytesRewriter | None = None):
-        self.error_event = error_event
+        super().__init__(error_event)
         self.complete = False  # vLLM's [DONE] went out
         self.stopped = False  # the stream was ended here, on an error event
         self._rewrite = rewrite
@@ -136,7 +147,7 @@ class Rewriter:
         out = self._events(self._splitter.rest(), whole=False)
         if self.complete or self.stopped:
             return out
-        return out + self.error_event(upstream_unavailable(_EARLY_END)) + DONE
+        return out + self.ending(upstream_unavailable(_EARLY_END))
 
     def _events(self, events: list[bytes], whole: bool = True) -> bytes:
         out = []
@@ -162,10 +173,10 @@ class Rewriter:
         payload = event_json(data)
         if payload is None:
             self.stopped = True
-            return self.error_event(upstream_garbage("vLLM sent an event that is not a JSON object.")) + DONE
+            return self.ending(upstream_garbage("vLLM sent an event that is not a JSON object."))
         if isinstance(payload.get("error"), dict):
             self.stopped = True
-            return self.error_event(from_upstream(payload["error"], 502)) + DONE
+            return self.ending(from_upstream(payload["error"], 502))
         count_text_events(data, self._record)
         payload = as_asked(payload, self._record, self._usage_asked)
         return b"" if payload is None else self._rewrite(payload)
@@ -178,7 +189,26 @@ class Rewriter:
 def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: EventRewriter | None = None,
             rewrite_event_bytes: BytesRewriter | None = None,
             rewrite_json: Callable[[dict], dict] | None = None) -> Response:
-    """Sends a checked body to vLLM (model and token budget fitted) and relays the answer."""
+    """Sends a checked chat or completions body to vLLM (model and token budget fitted) and relays
+    the answer: a stream's events passed through, or each rewritten by `rewrite_event`."""
+    def chat_relay(record: RequestRecord) -> Relay:
+        # A relay that rewrites each event can take vLLM's usage out of each again: it asks for it
+        # in every event, so that a stream its client left still has vLLM's prompt count.
+        usage_asked = ask_for_usage(body, in_every_event=rewrite_event is not None)
+        if rewrite_event is None:
+            return Passthrough(error_event, record, usage_asked)
+        return Rewriter(rewrite_event, error_event, record, usage_asked, rewrite_event_bytes)
+
+    return _forward(path, body, chat_relay, rewrite_json)
+
+
+def forward_response(body: dict) -> Response:
+    """/v1/responses: a checked body sent to vLLM, its answer or its event stream passed through."""
+    return _forward("/v1/responses", body, ResponseEventsRelay, None)
+
+
+def _forward(path: str, body: dict, make_relay: Callable[[RequestRecord], Relay],
+             rewrite_json: Callable[[dict], dict] | None) -> Response:
     upstream = current_app.extensions["dce_upstream"]
     fit_to_model(body, upstream.models())
     record = current_record()
@@ -186,11 +216,7 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
     headers = {SESSION_HEADER: session_id(record.key, body)} if current_app.config["DCE_SETTINGS"].session_affinity \
         else {}
     if body.get("stream"):
-        # A relay that rewrites each event can take vLLM's usage out of each again: it asks for it
-        # in every event, so that a stream its client left still has vLLM's prompt count.
-        usage_asked = ask_for_usage(body, in_every_event=rewrite_event is not None)
-        relay = (Passthrough(error_event, record, usage_asked) if rewrite_event is None
-                 else Rewriter(rewrite_event, error_event, record, usage_asked, rewrite_event_bytes))
+        relay = make_relay(record)  # (before the body is written: a chat relay asks vLLM for its usage)
         return stream_response(upstream, path, json.dumps(body).encode(), headers, relay, slot)
     if not slot.held:
         raise slot.refusal  # only a stream can wait in line: heartbeats keep its client

@@ -1,5 +1,5 @@
 """A streamed answer: waiting in line for a slot and for vLLM with heartbeats, then vLLM's events
-through a relay (relay.py), always ended by DONE.
+through a relay (relay.py), always ended as its kind of stream ends (DONE for a chat).
 
 Whenever nothing went to the client for DCE_HEARTBEAT_SECONDS, it gets an SSE comment: clients like
 the DCE extension kill a socket that stays silent for 60 s, while vLLM may be silent for longer
@@ -23,7 +23,7 @@ from .limits import Slot
 from .metrics import STREAMS_IN_FLIGHT, key_label
 from .pump import ENDED, OPENED, Failed, Pump, Refused
 from .record import Outcome, RequestRecord, current_record
-from .sse import DONE, HEARTBEAT
+from .sse import HEARTBEAT
 from .upstream import Upstream
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -32,12 +32,12 @@ _POLL_SECONDS = 0.2
 
 
 class Relay(Protocol):
-    complete: bool  # vLLM's [DONE] went out
+    complete: bool  # vLLM's last event ([DONE], or a response's last) went out
     stopped: bool  # the relay ended the stream itself (with an error event)
     failed: bool  # the stream carried an error event (vLLM's, or the relay's own)
     at_boundary: bool  # between two events, where a heartbeat may go
 
-    def error_event(self, error: ApiError) -> bytes: ...
+    def ending(self, error: ApiError) -> bytes: ...  # ends a failed stream: the error, then the end
     def feed(self, chunk: bytes) -> bytes: ...
     def end(self) -> bytes: ...
 
@@ -164,7 +164,7 @@ class _Stream:
 
     def _failed(self, error: ApiError, outcome: Outcome) -> bytes:
         self._ended(outcome)
-        return self._relay.error_event(error) + DONE
+        return self._relay.ending(error)
 
     def _next_item(self):
         if self._first is not None:

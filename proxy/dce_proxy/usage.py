@@ -11,10 +11,13 @@ from .record import RequestRecord
 
 # vLLM's usage object, as a key: a quote inside a JSON string is escaped, so text cannot match.
 USAGE_KEY = re.compile(rb'"usage":\s*\{')
-# An event carrying generated text: a chat delta's content or reasoning, a completion's text (an
-# empty one, like the role chunk's "content":"", carries none).
-_TEXT = re.compile(rb'"(?:content|reasoning|text)":\s*"[^"]')
-_USAGE_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens)":\s*(\d+)')
+# An event carrying generated text: a chat delta's content, reasoning or tool-call arguments, a
+# completion's text (an empty one, like the role chunk's "content":"", carries none).
+_TEXT = re.compile(rb'"(?:content|reasoning|text|arguments)":\s*"[^"]')
+# The Responses API says input and output for chat's prompt and completion.
+_USAGE_COUNT = re.compile(rb'"(prompt_tokens|completion_tokens|input_tokens|output_tokens)":\s*(\d+)')
+_USAGE_NAMES = {b"prompt_tokens": "prompt_tokens", b"completion_tokens": "completion_tokens",
+                b"input_tokens": "prompt_tokens", b"output_tokens": "completion_tokens"}
 # vLLM's usage in an event with choices (continuous_usage_stats), as vLLM writes it: after another
 # field, holding numbers, nulls and at most one level of objects (completion_tokens_details).
 _EVENT_USAGE = re.compile(rb',"usage":\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}')
@@ -89,7 +92,9 @@ def count_text_events(events: bytes, record: RequestRecord) -> None:
 
 
 def count_usage_at_end(tail: bytes, record: RequestRecord) -> None:
-    """A whole answer's usage, read from its last bytes (vLLM writes `usage` after the choices)."""
+    """A whole answer's usage, read from its last bytes (vLLM writes `usage` after the choices, and
+    after a response's output)."""
     _, found, usage = tail.rpartition(b'"usage":')
     if found:
-        record.take_usage({name.decode(): int(value) for name, value in _USAGE_COUNT.findall(usage)}, final=True)
+        record.take_usage({_USAGE_NAMES[name]: int(value) for name, value in _USAGE_COUNT.findall(usage)},
+                          final=True)

@@ -3,7 +3,8 @@
 It is a real HTTP/1.1 server on 127.0.0.1 (random port, background threads), so
 the proxy talks to it over a socket exactly as it talks to vLLM. It mimics what
 vLLM 0.32 answers (see shared notes "measured-here.md"): `/health`,
-`/v1/models`, `/v1/completions`, `/v1/chat/completions`, non-stream and SSE
+`/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/v1/responses`
+(fake_responses.py), `/tokenize`, non-stream and SSE
 stream (chunked transfer encoding, `data: {...}\\n\\n` events, `data: [DONE]`),
 every choice chunk with an explicit `finish_reason` (null until its last one,
 which carries the last token's text, as vLLM 0.32 does; no empty finish chunk),
@@ -55,6 +56,8 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from fake_responses import response_events, response_object
 
 CREATED = 1_764_000_000  # fixed timestamp: keeps the fake's bytes deterministic
 
@@ -165,7 +168,7 @@ class FakeVLLM:
 
     @property
     def generation_requests(self) -> list[RecordedRequest]:
-        return [r for r in self.requests if r.path.endswith("completions")]
+        return [r for r in self.requests if r.path.endswith(("completions", "/v1/responses"))]
 
     @property
     def last_body(self) -> Any:
@@ -316,7 +319,28 @@ class _Handler(BaseHTTPRequestHandler):
             return self._generate(rec, cfg, chat=True)
         if rec.path == "/v1/completions":
             return self._generate(rec, cfg, chat=False)
+        if rec.path == "/v1/responses":
+            return self._respond(rec, cfg)
+        if rec.path == "/tokenize" and isinstance(rec.json, dict):
+            return self._send_json(rec, 200, {"count": 3, "max_model_len": cfg["max_model_len"], "tokens": [1, 2, 3],
+                                              "token_strs": None})
         return self._send_json(rec, 404, {"detail": "Not Found"})
+
+    def _respond(self, rec: RecordedRequest, cfg: dict[str, Any]) -> None:
+        """/v1/responses: no checks but the model's; `n_chunks` text deltas."""
+        body = rec.json if isinstance(rec.json, dict) else {}
+        model = body.get("model")
+        if model not in cfg["model_ids"]:
+            return self._vllm_error(rec, 404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        pieces = [self.fake._content(0, j) for j in range(cfg["n_chunks"])]
+        try:
+            self._hold(cfg["hold_headers"])
+            if body.get("stream") is True:
+                return self._stream(rec, cfg, response_events(model, pieces, CREATED))
+            return self._send_json(rec, 200, response_object(model, "".join(pieces), len(pieces), "completed", CREATED))
+        except _Disconnected:
+            self.close_connection = True
+            self.fake._count(cfg["generation"], disconnects=1)
 
     def _generate(self, rec: RecordedRequest, cfg: dict[str, Any], chat: bool) -> None:
         gen = cfg["generation"]
@@ -370,7 +394,8 @@ class _Handler(BaseHTTPRequestHandler):
             options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
             if options.get("include_usage") and options.get("continuous_usage_stats"):
                 usage["continuous"] = True  # (read by _events, never sent)
-            return self._stream(rec, cfg, chat, model, n, k, finish, usage if options.get("include_usage") else None)
+            return self._stream(rec, cfg, self._events(cfg, chat, model, n, k, finish,
+                                                       usage if options.get("include_usage") else None))
         return self._complete(rec, cfg, chat, model, n, k, finish, usage)
 
     # -- non-stream -----------------------------------------------------------
@@ -455,7 +480,8 @@ class _Handler(BaseHTTPRequestHandler):
             yield k, event([], usage=usage)
         yield k, b"data: [DONE]\n\n"
 
-    def _stream(self, rec, cfg, chat, model, n, k, finish, usage) -> None:
+    def _stream(self, rec, cfg, events) -> None:
+        """Writes `events` ((content round, bytes) pairs), with the configured interval and fault."""
         gen = cfg["generation"]
         rec.response_status = 200
         self.send_response(200)
@@ -467,7 +493,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             first = True
             faulted = False
-            for content_round, data in self._events(cfg, chat, model, n, k, finish, usage):
+            for content_round, data in events:
                 if not first:
                     self._pause(cfg["chunk_interval"])
                 else:

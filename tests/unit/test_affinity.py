@@ -26,6 +26,14 @@ def test_another_key_or_prompt_is_another_conversation(other_key, other_body):
     assert session_id(other_key, other_body) != session_id("alice", {"messages": CHAT})
 
 
+def test_a_responses_conversation_is_named_by_its_instructions_and_first_input():
+    first = session_id("alice", {"instructions": "You review code.", "input": CHAT[1:]})
+    later_turn = CHAT[1:] + [{"role": "assistant", "content": "Mostly."}, {"role": "user", "content": "Why?"}]
+    assert session_id("alice", {"instructions": "You review code.", "input": later_turn}) == first
+    assert session_id("alice", {"instructions": "You write code.", "input": CHAT[1:]}) != first
+    assert session_id("alice", {"input": "Is this safe?"}) != session_id("alice", {"input": "Is that safe?"})
+
+
 def test_the_id_holds_neither_key_nor_text():
     secret_prompt = "the launch code is 0000"
     value = session_id(ALICE_KEY, {"messages": [{"role": "user", "content": secret_prompt}]})

@@ -42,6 +42,9 @@ def test_no_keys_and_no_open_mode_is_refused(make_app):
     ("DCE_HEARTBEAT_SECONDS", "often"),
     ("DCE_HEARTBEAT_SECONDS", "0"),
     ("DCE_HEARTBEAT_SECONDS", "60"),            # the extension gives up after 60 s of silence
+    ("DCE_CORS_ORIGINS", "*"),                  # name the pages trusted with a key
+    ("DCE_CORS_ORIGINS", "chat.example.com"),   # an origin has its scheme
+    ("DCE_CORS_ORIGINS", "https://chat.example.com/app"),  # and no path
     ("DCE_QUEUE_TIMEOUT", "forever"),
     ("DCE_QUEUE_TIMEOUT", "-1"),
     ("DCE_RATE_LIMIT", "often"),

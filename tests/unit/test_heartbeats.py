@@ -107,3 +107,27 @@ def test_a_new_workers_first_stream_beats_while_vllm_is_silent(proxy_server, fak
     fake_vllm.hold_headers = gate = threading.Event()
     body = read_through_silence(server, "/api/dce/proxy", gate)
     assert parse_sse(body).comments >= 2 and parse_sse(body).events[-1] == "[DONE]"
+
+
+def test_a_response_stream_beats_while_vllm_is_silent_and_stalls(beating_server, fake_vllm):
+    """/v1/responses: heartbeats before vLLM's headers and in a stall; its events all arrive, the
+    last one response.completed (the Responses API has no [DONE])."""
+    requests.get(f"{beating_server.url}/v1/models", headers=bearer(ALICE_KEY), timeout=5)
+    fake_vllm.n_chunks, fake_vllm.fault, fake_vllm.fault_after = 4, "stall", 2
+    fake_vllm.hold_headers = before_headers = threading.Event()
+    fake_vllm.hold_stream = in_stall = threading.Event()
+    with requests.post(f"{beating_server.url}/v1/responses", json={"input": "hi", "stream": True},
+                       headers=bearer(ALICE_KEY), stream=True, timeout=10) as r:
+        chunks, body = r.iter_content(chunk_size=None), b""
+        while body.count(BEAT) < 2:
+            body += next(chunks)
+        before_headers.set()
+        while b"response.output_text.delta" not in body:
+            body += next(chunks)
+        beats = body.count(BEAT)
+        while body.count(BEAT) < beats + 2:  # in the stall
+            body += next(chunks)
+        in_stall.set()
+        body += b"".join(chunks)
+    assert body.replace(BEAT, b"") == bytes(fake_vllm.generation_requests[-1].response_body)
+    assert parse_sse(body).events[-1].startswith('{"response"') and b"event: response.completed" in body
