@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
+
 import figures
+import openai
 import pytest
 
 from machine import Watch
@@ -46,6 +49,13 @@ def _stack_serving(request):
 def session(stack: Stack):
     with stack.session() as session:
         yield session
+
+
+@pytest.fixture()
+def sdk(stack: Stack) -> openai.OpenAI:
+    """The official OpenAI SDK, pointed at the stack's /v1 (it trusts the stack's CA, never retries)."""
+    with openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=stack.ca_file)) as http_client:
+        yield openai.OpenAI(base_url=f"{stack.base}/v1", api_key=stack.key, http_client=http_client, max_retries=0)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -34,6 +34,8 @@ DIRECT_REFERENCE = (Path(__file__).parent / "direct_reference.py").read_text()
 # budget runs for minutes on this CPU, so a test that needs streams running when it acts can have
 # them, and ends them itself.
 MAX_MODEL_LEN = 32768
+# The one web page origin the test stack lets call it from a browser (DCE_CORS_ORIGINS).
+CORS_ORIGIN = "https://chat.example.com"
 LONG_STREAM_TOKENS = 30000
 # Token ids of the tiny model (vllm/make_tiny_model.py): 2048 trained, then <think> and </think>.
 TINY_VOCAB = 2050
@@ -210,6 +212,7 @@ def _write_env(tmp: Path, project: str, key: str, other_key: str, load_keys: lis
         # The rate limits are tested in the unit suite; here they must not get in the way.
         "DCE_RATE_LIMIT=100000/minute",
         "DCE_AUTH_FAILURE_LIMIT=100000/minute",
+        f"DCE_CORS_ORIGINS={CORS_ORIGIN}",
         *extra_settings,
     ]) + "\n")
     return env
