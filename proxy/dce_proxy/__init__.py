@@ -10,16 +10,16 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .access_log import configure_logging, write_access_line
 from .auth import PathKeyMiddleware, authenticate
-from .config import Settings, load_settings
+from .config import Settings, init_settings, load_settings
 from .cors import init_cors
 from .errors import register_error_handlers
-from .keys import KeyRing
+from .keys import init_keys
 from .limits import init_limits
 from .metrics import observe
 from .record import init_records
 from .routes import dce, health, openai
 from .stopping import refuse_while_stopping
-from .upstream import Upstream
+from .upstream import init_upstream
 
 log = logging.getLogger("dce_proxy")
 
@@ -27,13 +27,9 @@ log = logging.getLogger("dce_proxy")
 def create_app(env: Mapping[str, str] | None = None) -> Flask:
     settings = load_settings(env)
     app = Flask(__name__, static_folder=None)  # no /static: it serves only the API
-    app.config.update(
-        DCE_SETTINGS=settings,
-        MAX_CONTENT_LENGTH=settings.max_body_bytes,
-        DCE_PUBLIC_ENDPOINTS={"health.healthz", "health.readyz"},
-    )
-    app.extensions["dce_upstream"] = Upstream(settings)
-    app.extensions["dce_keys"] = KeyRing(settings)
+    init_settings(app, settings)
+    init_upstream(app, settings)
+    init_keys(app, settings)
     # Caddy is the only hop in front of us: trust exactly one X-Forwarded-For entry, the one it wrote.
     app.wsgi_app = PathKeyMiddleware(ProxyFix(app.wsgi_app, x_for=1, x_proto=0, x_host=0))
     register_error_handlers(app)
@@ -42,7 +38,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     init_cors(app, settings.cors_origins)  # before the key check: a browser's preflight has no key
     app.before_request(refuse_while_stopping)  # a stop on its way starts nothing new, whoever asks
     app.before_request(authenticate)  # before the limiter: limits count per authenticated key
-    init_limits(app)  # after authenticate: budgets are per key
+    init_limits(app, settings)  # after authenticate: budgets are per key
     app.register_blueprint(health.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(openai.utility_bp)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hmac
 
-from flask import current_app, request
+from flask import request
 
-from .config import ApiKey
+from .config import PUBLIC_ENDPOINTS, ApiKey, settings
 from .errors import unauthorized
 from .keys import key_ring
 from .limits import client_address, count_failed_authentication, refuse_after_failed_authentications
@@ -72,15 +72,14 @@ def find_key(candidate: str | None, keys: tuple[ApiKey, ...]) -> ApiKey | None:
 
 def authenticate() -> None:
     """before_request: names the caller in the request's record, the identity limits, logs and metrics use."""
-    if request.url_rule is None or request.endpoint in current_app.config["DCE_PUBLIC_ENDPOINTS"]:
+    if request.url_rule is None or request.endpoint in PUBLIC_ENDPOINTS:
         return
-    settings = current_app.config["DCE_SETTINGS"]
     key = find_key(presented_key(), key_ring().keys())
     if key is not None:
         # A valid key always passes: behind one shared address (a NAT), a colleague's stale key
         # must not lock everyone else out.
         current_record().key = key.key_id
-    elif settings.open_mode:
+    elif settings().open_mode:
         current_record().key = f"ip:{client_address()}"
     else:
         refuse_after_failed_authentications()

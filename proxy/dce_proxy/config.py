@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from flask import Flask, current_app
 from limits import parse_many
 
 MIN_KEY_LENGTH = 16
+# The probes' endpoints: no key, no limits, and no access line when they succeed.
+PUBLIC_ENDPOINTS = frozenset({"health.healthz", "health.readyz"})
+_SETTINGS = "DCE_SETTINGS"
 
 
 class ConfigError(ValueError):
@@ -55,6 +59,15 @@ class Settings:
     session_affinity: bool = False
     # Browser origins (scheme://host[:port]) allowed to call the API; none: CORS is off (cors.py).
     cors_origins: tuple[str, ...] = ()
+
+
+def init_settings(app: Flask, loaded: Settings) -> None:
+    app.config.update({_SETTINGS: loaded, "MAX_CONTENT_LENGTH": loaded.max_body_bytes})
+
+
+def settings() -> Settings:
+    """This app's settings, loaded once by create_app."""
+    return current_app.config[_SETTINGS]
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:

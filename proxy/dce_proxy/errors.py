@@ -10,15 +10,13 @@ from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("dce_proxy")
 
-# Type and code for the HTTP errors Flask/Werkzeug raise on their own.
+# Type and code for the HTTP errors Flask/Werkzeug raise on their own (the proxy raises ApiError):
+# a request it cannot parse, an unknown route or method, a body over MAX_CONTENT_LENGTH.
 _HTTP_ERRORS = {
     400: ("invalid_request_error", "bad_request"),
-    401: ("authentication_error", "invalid_api_key"),
     404: ("not_found_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
     413: ("invalid_request_error", "request_too_large"),
-    415: ("invalid_request_error", "unsupported_media_type"),
-    429: ("rate_limit_error", "rate_limit_exceeded"),
 }
 
 
@@ -119,7 +117,7 @@ def limits_store_unavailable() -> ApiError:
                     "server_error", "limits_store_unavailable", retry_after=5)
 
 
-def json_response(body: dict, status: int) -> Response:
+def json_response(body: dict, status: int = 200) -> Response:
     return Response(json.dumps(body), status=status, mimetype="application/json")
 
 

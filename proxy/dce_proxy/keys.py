@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from flask import current_app
+from flask import Flask, current_app
 
 from .config import ApiKey, ConfigError, Settings, parse_keys_file
 
@@ -74,6 +74,10 @@ class KeyRing:
         self._keys = keys
         log.info("API keys read again from the key file: %d key(s) [%s]", len(keys),
                  ", ".join(key.key_id for key in keys))
+
+
+def init_keys(app: Flask, loaded: Settings) -> None:
+    app.extensions["dce_keys"] = KeyRing(loaded)
 
 
 def key_ring() -> KeyRing:

@@ -17,7 +17,7 @@ from limits import RateLimitItem, parse, parse_many
 from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-from .config import in_redis
+from .config import Settings, in_redis, settings
 from .errors import ApiError, limits_store_unavailable, too_many
 from .metrics import QUEUE_WAITING, key_label
 from .record import current_record
@@ -84,6 +84,10 @@ def rate_limits() -> RateLimits:
     return current_app.extensions["dce_rate_limits"]
 
 
+def _slots():
+    return current_app.extensions["dce_slots"]
+
+
 def refuse_after_failed_authentications() -> None:
     """A request without a valid key, from an address over its budget of them
     (DCE_AUTH_FAILURE_LIMIT), gets 429 with Retry-After instead of 401: a client that keeps sending
@@ -102,12 +106,11 @@ def count_request() -> None:
         rate_limits().count_request(client_id())
 
 
-def init_limits(app: Flask) -> None:
+def init_limits(app: Flask, loaded: Settings) -> None:
     """Runs after authentication (budgets are per key): register it after `authenticate`."""
-    settings = app.config["DCE_SETTINGS"]
-    app.extensions["dce_rate_limits"] = RateLimits(settings.ratelimit_storage_uri, settings.rate_limit,
-                                                   settings.auth_failure_limit)
-    app.extensions["dce_slots"] = slot_store(settings.ratelimit_storage_uri)
+    app.extensions["dce_rate_limits"] = RateLimits(loaded.ratelimit_storage_uri, loaded.rate_limit,
+                                                   loaded.auth_failure_limit)
+    app.extensions["dce_slots"] = slot_store(loaded.ratelimit_storage_uri)
     app.before_request(count_request)
 
     @app.errorhandler(redis.RedisError)
@@ -151,8 +154,8 @@ class Slot:
 
 
 def _take_slot(may_wait: bool) -> Slot:
-    cap = current_app.config["DCE_SETTINGS"].max_concurrent
-    store = current_app.extensions["dce_slots"]
+    cap = settings().max_concurrent
+    store = _slots()
     refusal = too_many(f"Too many generations in flight for this key (limit {cap}). "
                        "Wait for one to finish.", "too_many_concurrent_requests", _SLOT_RETRY_AFTER)
     release = store.acquire(client_id(), cap)
@@ -173,10 +176,12 @@ def _holding_slot(view, may_wait: bool):
         except BaseException:
             slot.free()
             raise
-        if response.is_streamed:
+        if response.mimetype == "text/event-stream":
             response.call_on_close(slot.free)  # also when the client goes away mid-stream
         else:
-            slot.free()  # the whole answer is already read from vLLM
+            # A whole answer: vLLM sends its headers only once it is all generated, so the GPU is done
+            # with it, and a client reading it slowly must not hold the slot its next request needs.
+            slot.free()
         return response
 
     return wrapper

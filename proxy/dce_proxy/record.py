@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Callable
 
 from flask import Flask, Response, request
 
+from .config import PUBLIC_ENDPOINTS
+
 if TYPE_CHECKING:
     from .limits import Slot
 
@@ -110,7 +112,7 @@ def init_records(app: Flask, reporters: list[Callable[[RequestRecord], None]]) -
     def report_when_closed(response: Response) -> Response:
         record = current_record()
         response.headers["X-Request-Id"] = record.request_id
-        if request.endpoint in app.config["DCE_PUBLIC_ENDPOINTS"] and response.status_code < 400:
+        if request.endpoint in PUBLIC_ENDPOINTS and response.status_code < 400:
             return response
         record.method = request.method
         record.route = request.url_rule.rule if request.url_rule else "unmatched"

@@ -9,16 +9,17 @@ import re
 from typing import Callable, Iterator
 
 import urllib3
-from flask import Response, current_app
+from flask import Response
 
 from .affinity import SESSION_HEADER, session_id
-from .errors import ApiError, from_upstream, upstream_error_answer, upstream_garbage, upstream_unavailable
-from .payload import fit_to_model
+from .config import settings
+from .errors import (ApiError, from_upstream, json_response, upstream_error_answer, upstream_garbage,
+                     upstream_unavailable)
 from .record import RequestRecord, current_record
 from .sse import DONE, EventSplitter, event_data, event_json, has_done, split_whole
 from .response_events import ResponseEventsRelay
 from .stream import Relay, stream_response
-from .upstream import UpstreamStreamError, iter_body, read_all
+from .upstream import UpstreamStreamError, iter_body, read_all, upstream
 from .usage import (USAGE_KEY, UsageAsked, as_asked, as_asked_bytes, ask_for_usage, count_text_events,
                     count_usage_at_end)
 
@@ -37,18 +38,18 @@ _USAGE_TAIL_BYTES = 65536
 _VLLM_ERROR_EVENT = re.compile(rb'(?:^|\n)data: ?\{\s*"error"\s*:')
 
 
-def upstream_error_response(upstream: urllib3.BaseHTTPResponse) -> Response:
+def upstream_error_response(answer: urllib3.BaseHTTPResponse) -> Response:
     """vLLM's own error answer, passed through (errors.upstream_error_answer)."""
     try:
-        body = read_all(upstream)
+        body = read_all(answer)
     except ApiError:
         body = b""
-    return upstream_error_answer(upstream.status, body)
+    return upstream_error_answer(answer.status, body)
 
 
-def read_json(upstream: urllib3.BaseHTTPResponse) -> tuple[bytes, dict]:
+def read_json(answer: urllib3.BaseHTTPResponse) -> tuple[bytes, dict]:
     """vLLM's JSON answer: its bytes (to pass on untouched) and their parsed form."""
-    body = read_all(upstream)
+    body = read_all(answer)
     try:
         parsed = json.loads(body)
     except ValueError:
@@ -59,10 +60,6 @@ def read_json(upstream: urllib3.BaseHTTPResponse) -> tuple[bytes, dict]:
     if isinstance(usage, dict):
         current_record().take_usage(usage, final=True)
     return body, parsed
-
-
-def json_body_response(body: dict, status: int = 200) -> Response:
-    return Response(json.dumps(body), status=status, mimetype="application/json")
 
 
 class _ChatEvents:
@@ -189,8 +186,8 @@ class Rewriter(_ChatEvents):
 def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: EventRewriter | None = None,
             rewrite_event_bytes: BytesRewriter | None = None,
             rewrite_json: Callable[[dict], dict] | None = None) -> Response:
-    """Sends a checked chat or completions body to vLLM (model and token budget fitted) and relays
-    the answer: a stream's events passed through, or each rewritten by `rewrite_event`."""
+    """Sends a chat or completions body (request_body.generation_body) to vLLM and relays the
+    answer: a stream's events passed through, or each rewritten by `rewrite_event`."""
     def chat_relay(record: RequestRecord) -> Relay:
         # A relay that rewrites each event can take vLLM's usage out of each again: it asks for it
         # in every event, so that a stream its client left still has vLLM's prompt count.
@@ -203,36 +200,32 @@ def forward(path: str, body: dict, *, error_event: ErrorEvent, rewrite_event: Ev
 
 
 def forward_response(body: dict) -> Response:
-    """/v1/responses: a checked body sent to vLLM, its answer or its event stream passed through."""
+    """/v1/responses: a generation body sent to vLLM, its answer or its event stream passed through."""
     return _forward("/v1/responses", body, ResponseEventsRelay, None)
 
 
 def _forward(path: str, body: dict, make_relay: Callable[[RequestRecord], Relay],
              rewrite_json: Callable[[dict], dict] | None) -> Response:
-    upstream = current_app.extensions["dce_upstream"]
-    fit_to_model(body, upstream.models())
+    vllm = upstream()
     record = current_record()
     slot = record.slot
-    headers = {SESSION_HEADER: session_id(record.key, body)} if current_app.config["DCE_SETTINGS"].session_affinity \
+    headers = {SESSION_HEADER: session_id(record.key, body)} if settings().session_affinity \
         else {}
     if body.get("stream"):
         relay = make_relay(record)  # (before the body is written: a chat relay asks vLLM for its usage)
-        return stream_response(upstream, path, json.dumps(body).encode(), headers, relay, slot)
+        return stream_response(vllm, path, json.dumps(body).encode(), headers, relay, slot)
     if not slot.held:
         raise slot.refusal  # only a stream can wait in line: heartbeats keep its client
-    answer = upstream.request("POST", path, body=json.dumps(body).encode(), stream=True,
-                              timeout=upstream.whole_answer_timeout, headers=headers)
+    answer = vllm.request("POST", path, body=json.dumps(body).encode(), stream=True,
+                              timeout=vllm.whole_answer_timeout, headers=headers)
     if answer.status >= 400:
         if answer.status == 404:
-            upstream.forget_models()  # the served model may have changed under us
+            vllm.forget_models()  # the served model may have changed under us
         return upstream_error_response(answer)
     if rewrite_json is None:
-        # vLLM sends headers only once the whole answer is generated: the GPU is done with it, and
-        # a client reading it slowly must not hold the slot a next request of its key needs.
-        slot.free()
         return _passed_through(answer)
     _, parsed = read_json(answer)
-    return json_body_response(rewrite_json(parsed))
+    return json_response(rewrite_json(parsed))
 
 
 def _passed_through(answer: urllib3.BaseHTTPResponse) -> Response:

@@ -16,8 +16,9 @@ import time
 from typing import Callable, Iterator, Mapping, Protocol
 
 import redis
-from flask import Response, current_app, request
+from flask import Response, request
 
+from .config import settings as current_settings
 from .errors import ApiError, limits_store_unavailable, too_many, upstream_error, upstream_error_answer
 from .limits import Slot
 from .metrics import STREAMS_IN_FLIGHT, key_label
@@ -77,7 +78,7 @@ def _client_gone_probe(environ: dict) -> Callable[[], bool]:
 class _Stream:
     def __init__(self, upstream: Upstream, path: str, body: bytes, headers: Mapping[str, str], relay: Relay,
                  slot: Slot, client_gone: Callable[[], bool], record: RequestRecord):
-        settings = current_app.config["DCE_SETTINGS"]
+        settings = current_settings()
         self._upstream, self._path, self._body, self._headers = upstream, path, body, headers
         self._relay, self._slot, self._client_gone = relay, slot, client_gone
         self._record = record

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import urllib3
+from flask import Flask, current_app
 from http.client import RemoteDisconnected
 
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, ReadTimeoutError
@@ -226,3 +227,12 @@ def iter_body(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         raise UpstreamStreamError(upstream_timeout("vLLM stopped sending tokens (timed out).")) from None
     except HTTPError:
         raise UpstreamStreamError(upstream_unavailable("vLLM closed the stream before it ended.")) from None
+
+
+def init_upstream(app: Flask, loaded: Settings) -> None:
+    app.extensions["dce_upstream"] = Upstream(loaded)
+
+
+def upstream() -> Upstream:
+    """This app's client of vLLM (one connection pool per worker)."""
+    return current_app.extensions["dce_upstream"]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 
 from ..chunks import choices, error_chunks, for_extension, for_extension_bytes, mirror_reasoning
+from ..config import settings
 from ..errors import ApiError, upstream_garbage
 from ..limits import holds_generation_slot, waits_for_generation_slot
-from ..payload import (boolean, check_messages, integer, json_object, number, stop_sequences, string)
+from ..request_body import (boolean, check_messages, fit_to_model, generation_body, integer, json_object, number,
+                            stop_sequences, string)
 from ..relay import forward
 from ..sse import data_event
+from ..upstream import upstream
 
 bp = Blueprint("dce", __name__, url_prefix="/api/dce")
 
@@ -25,8 +28,7 @@ def extension_error_event(error: ApiError) -> bytes:
 @bp.post("/proxy")
 @waits_for_generation_slot
 def extension_proxy():
-    body = json_object()
-    check_messages(body)
+    body = generation_body(check_messages)
 
     def rewrite_event(payload: dict) -> bytes:
         return b"".join(data_event(chunk) for chunk in for_extension(payload))
@@ -46,26 +48,26 @@ def generate_error_event(error: ApiError) -> bytes:
     return data_event({"type": "error", **error.body()})
 
 
-def _upstream_body(body: dict) -> tuple[str, dict]:
-    settings = current_app.config["DCE_SETTINGS"]
+def _vllm_body(body: dict) -> tuple[str, dict]:
+    defaults = settings()
     prompt = string(body, "prompt", required=True)
     chat = boolean(body, "chat")
-    upstream = {
+    vllm_body = {
         "model": string(body, "model"),
-        "n": integer(body, "n", low=1, high=settings.max_n, default=settings.default_n),
-        "max_tokens": integer(body, "max_tokens", low=1, default=settings.default_max_tokens),
+        "n": integer(body, "n", low=1, high=defaults.max_n, default=defaults.default_n),
+        "max_tokens": integer(body, "max_tokens", low=1, default=defaults.default_max_tokens),
         "temperature": number(body, "temperature", low=0, high=2),
         "top_p": number(body, "top_p", low=0, high=1, low_inclusive=False),
         "seed": integer(body, "seed", low=_SEED_RANGE[0], high=_SEED_RANGE[1]),
         "stop": stop_sequences(body),
         "stream": boolean(body, "stream"),
     }
-    upstream = {name: value for name, value in upstream.items() if value is not None}
+    vllm_body = {name: value for name, value in vllm_body.items() if value is not None}
     if chat:
-        upstream["messages"] = [{"role": "user", "content": prompt}]
-        return "/v1/chat/completions", upstream
-    upstream["prompt"] = prompt
-    return "/v1/completions", upstream
+        vllm_body["messages"] = [{"role": "user", "content": prompt}]
+        return "/v1/chat/completions", vllm_body
+    vllm_body["prompt"] = prompt
+    return "/v1/completions", vllm_body
 
 
 def _choice_text(choice: dict) -> str | None:
@@ -79,7 +81,8 @@ def _choice_text(choice: dict) -> str | None:
 @bp.post("/generate")
 @holds_generation_slot
 def generate():
-    path, upstream_body = _upstream_body(json_object())
+    path, vllm_body = _vllm_body(json_object())  # (each field checked there)
+    fit_to_model(vllm_body, upstream().models())
 
     def rewrite_event(payload: dict) -> bytes:
         out = b""
@@ -94,14 +97,14 @@ def generate():
 
     def rewrite_json(payload: dict) -> dict:
         answers = sorted(choices(payload), key=lambda choice: choice.get("index", 0))
-        if len(answers) != upstream_body["n"]:
-            raise upstream_garbage(f"vLLM returned {len(answers)} answers instead of {upstream_body['n']}.")
+        if len(answers) != vllm_body["n"]:
+            raise upstream_garbage(f"vLLM returned {len(answers)} answers instead of {vllm_body['n']}.")
         return {
             "responses": [_choice_text(choice) or "" for choice in answers],
             "finish_reasons": [choice.get("finish_reason") for choice in answers],
             "usage": payload.get("usage", {}),
-            "model": payload.get("model", upstream_body.get("model")),
+            "model": payload.get("model", vllm_body.get("model")),
         }
 
-    return forward(path, upstream_body, error_event=generate_error_event,
+    return forward(path, vllm_body, error_event=generate_error_event,
                    rewrite_event=rewrite_event, rewrite_json=rewrite_json)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import re
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
 from ..errors import invalid
 from ..limits import holds_generation_slot
-from ..payload import check_input, check_messages, check_prompt, json_object, map_model
+from ..request_body import check_input, check_messages, check_prompt, generation_body, json_object, map_model
 from ..relay import forward, forward_response, read_json, upstream_error_response
 from ..sse import data_event
+from ..upstream import upstream
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 # Utility routes at vLLM's own paths (not under /v1), for the clients that know them.
@@ -31,7 +32,7 @@ def openai_error_event(error):
 
 def _passed_on(method: str, path: str, body: dict | None = None) -> Response:
     """vLLM's JSON answer to a request that generates nothing, passed on as it is."""
-    answer = current_app.extensions["dce_upstream"].request(
+    answer = upstream().request(
         method, path, body=None if body is None else json.dumps(body).encode())
     if answer.status >= 400:
         return upstream_error_response(answer)
@@ -44,30 +45,22 @@ def models():
     return _passed_on("GET", "/v1/models")
 
 
-def _checked_forward(path: str, check) -> Response:
-    body = json_object()
-    check(body)
-    return forward(path, body, error_event=openai_error_event)
-
-
 @bp.post("/chat/completions")
 @holds_generation_slot
 def chat_completions():
-    return _checked_forward("/v1/chat/completions", check_messages)
+    return forward("/v1/chat/completions", generation_body(check_messages), error_event=openai_error_event)
 
 
 @bp.post("/completions")
 @holds_generation_slot
 def completions():
-    return _checked_forward("/v1/completions", check_prompt)
+    return forward("/v1/completions", generation_body(check_prompt), error_event=openai_error_event)
 
 
 @bp.post("/responses")
 @holds_generation_slot
 def create_response():
-    body = json_object()
-    check_input(body)
-    return forward_response(body)
+    return forward_response(generation_body(check_input))
 
 
 def _response_path(response_id: str, action: str = "") -> str:
@@ -93,7 +86,7 @@ def cancel_response(response_id: str):
 def embeddings():
     # Served only by vLLM running an embedding model; for a chat model vLLM has no such route (a 404).
     body = json_object()
-    map_model(body, current_app.extensions["dce_upstream"].models())
+    map_model(body, upstream().models())
     return _passed_on("POST", "/v1/embeddings", body)
 
 
@@ -104,7 +97,7 @@ def tokenize():
         check_messages(body)
     else:
         check_prompt(body)
-    map_model(body, current_app.extensions["dce_upstream"].models())
+    map_model(body, upstream().models())
     return _passed_on("POST", "/tokenize", body)
 
 
@@ -115,5 +108,5 @@ def detokenize():
     if not isinstance(tokens, list) or not all(isinstance(token, int) and not isinstance(token, bool)
                                                for token in tokens):
         raise invalid("tokens", "'tokens' must be a list of token ids.")
-    map_model(body, current_app.extensions["dce_upstream"].models())
+    map_model(body, upstream().models())
     return _passed_on("POST", "/detokenize", body)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 from numbers import Real
+from typing import Callable
 
-from flask import current_app, request
+from flask import request
 
+from .config import settings
 from .errors import ApiError, bad_request, invalid
-from .upstream import ModelInfo
+from .upstream import ModelInfo, upstream
 
 
 def _reject_constant(name: str):
@@ -113,24 +115,35 @@ def map_model(body: dict, models: ModelInfo) -> dict:
     requested = body.get("model")
     if requested is not None and not isinstance(requested, str):
         raise invalid("model", "'model' must be a string.")
-    model = current_app.config["DCE_SETTINGS"].model_aliases.get(requested or "", requested)
+    model = settings().model_aliases.get(requested or "", requested)
     body["model"] = model if model in models.served else models.default
     return body
 
 
-def fit_to_model(body: dict, models: ModelInfo) -> dict:
-    """Maps any requested model name to a served one and lowers token budgets to the model's context.
+# A generation's token budget, as chat, completions and the Responses API name it.
+_TOKEN_BUDGETS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
-    Clients like the DCE extension ask for "local-model" and 16384 tokens whatever is served;
-    vLLM would answer 404 and 400 to those.
-    """
-    map_model(body, models)
-    _check_sequences(body, current_app.config["DCE_SETTINGS"].max_n)
+
+def generation_body(check: Callable[[dict], None]) -> dict:
+    """The request's body for a generation: checked by `check` (its route's own fields) and as any
+    generation is, then fitted to the served model."""
+    body = json_object()
+    check(body)
+    _check_sequences(body, settings().max_n)
     boolean(body, "stream")
+    for name in _TOKEN_BUDGETS:
+        integer(body, name, low=1)
+    return fit_to_model(body, upstream().models())
+
+
+def fit_to_model(body: dict, models: ModelInfo) -> dict:
+    """Maps any requested model name to a served one and lowers a checked body's token budgets to
+    the model's context. Clients like the DCE extension ask for "local-model" and 16384 tokens
+    whatever is served; vLLM would answer 404 and 400 to those."""
+    map_model(body, models)
     limit = models.max_model_len.get(body["model"])
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
-        requested_tokens = integer(body, name, low=1)
-        if limit and requested_tokens and requested_tokens > limit:
+    for name in _TOKEN_BUDGETS:
+        if limit and body.get(name) and body[name] > limit:
             body[name] = limit
     return body
 
