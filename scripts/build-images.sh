@@ -8,13 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BASE=dce-base:bookworm
-CADDY=dce-caddy:2.11.7
-PROXY=dce-proxy:local
-VLLM=dce-vllm-cpu:0.32.0-tiny
-LIMITS=dce-limits:local
-PROMETHEUS=dce-prometheus:local
-ROUTER=dce-router:local
+# The local images' names (LOCAL_BASE_IMAGE, CADDY_IMAGE, ...): one file, also read by make up and the tests.
+. ./images.env
 
 wanted=" ${*:-base caddy proxy limits prometheus router vllm} "
 for name in $wanted; do
@@ -37,7 +32,7 @@ build() {  # TAG CONTEXT [docker build options...]
   shift 2
   before=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
   # DCE_BUILD_FRESH=1 (make upgrade): every layer again, so Debian's latest security updates go in.
-  if ! docker build --force-rm ${DCE_BUILD_FRESH:+--no-cache} -t "$tag" --build-arg BASE_IMAGE="$BASE" \
+  if ! docker build --force-rm ${DCE_BUILD_FRESH:+--no-cache} -t "$tag" --build-arg BASE_IMAGE="$LOCAL_BASE_IMAGE" \
       --build-arg EXTRA_CA_CERTS="$EXTRA_CA_CERTS" "$@" "$context" >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "build-images: building $tag failed" >&2
@@ -56,26 +51,26 @@ in_background() { "$@" & builds+=($!); }
 # Every other image starts FROM the base, so it is always checked (a label
 # comparison when nothing changed).
 start=$SECONDS
-report "$BASE" "$(scripts/build-base-image.sh "$BASE")" $((SECONDS - start))
+report "$LOCAL_BASE_IMAGE" "$(scripts/build-base-image.sh "$LOCAL_BASE_IMAGE")" $((SECONDS - start))
 
 if [[ $wanted == *" caddy "* ]]; then
-  in_background build "$CADDY" caddy/
+  in_background build "$CADDY_IMAGE" caddy/
 fi
 
 if [[ $wanted == *" proxy "* ]]; then
-  in_background build "$PROXY" proxy/
+  in_background build "$PROXY_IMAGE" proxy/
 fi
 
 if [[ $wanted == *" limits "* ]]; then
-  in_background build "$LIMITS" limits/
+  in_background build "$LIMITS_IMAGE" limits/
 fi
 
 if [[ $wanted == *" prometheus "* ]]; then
-  in_background build "$PROMETHEUS" monitoring/
+  in_background build "$PROMETHEUS_IMAGE" monitoring/
 fi
 
 if [[ $wanted == *" router "* ]]; then
-  in_background build "$ROUTER" router/
+  in_background build "$ROUTER_IMAGE" router/
 fi
 
 if [[ $wanted == *" vllm "* ]]; then
@@ -91,7 +86,7 @@ if [[ $wanted == *" vllm "* ]]; then
       if [[ -f $whl ]]; then ln -f "$whl" "$ctx/wheels/" 2>/dev/null || cp "$whl" "$ctx/wheels/"; fi
     done
   done
-  in_background build "$VLLM" "$ctx" -f vllm/cpu.Dockerfile
+  in_background build "$VLLM_CPU_IMAGE" "$ctx" -f vllm/cpu.Dockerfile
 fi
 
 failed=0

@@ -156,7 +156,7 @@ case $images in
     fi
     # The CPU profile's engine image is always built here (a tiny model made at build time).
     if [[ " ${files[*]} " == *" compose.cpu.yaml "* ]]; then
-      cpu_image=$(env_value VLLM_CPU_IMAGE); cpu_image=${cpu_image:-dce-vllm-cpu:0.32.0-tiny}
+      cpu_image=$(env_value VLLM_CPU_IMAGE); cpu_image=${cpu_image:-$(sed -n 's/^VLLM_CPU_IMAGE=//p' images.env)}
       docker image inspect "$cpu_image" >/dev/null 2>&1 || scripts/build-images.sh vllm
     fi
     ;;
@@ -171,15 +171,16 @@ case $images in
     # An upgrade builds every layer again (Debian's security updates); a start reuses the cache.
     DCE_BUILD_FRESH=${DCE_UPGRADE:-} scripts/build-images.sh "${needed[@]}"
     # In .env, where a plain `docker compose up -d` later finds them too.
-    set_env_value CADDY_IMAGE dce-caddy:2.11.7
-    set_env_value PROXY_IMAGE dce-proxy:local
-    set_env_value LIMITS_IMAGE dce-limits:local
-    set_env_value PROMETHEUS_IMAGE dce-prometheus:local
-    set_env_value ROUTER_IMAGE dce-router:local
-    # A later build by compose itself (an image pruned meanwhile) must not pull its base either.
-    set_env_value PROXY_BASE_IMAGE dce-base:bookworm
-    set_env_value LIMITS_BASE_IMAGE dce-base:bookworm
-    set_env_value ROUTER_BASE_IMAGE dce-base:bookworm
+    # (images.env names them.)
+    while IFS== read -r name value; do
+      case $name in
+        LOCAL_BASE_IMAGE)
+          # A later build by compose itself (an image pruned meanwhile) must not pull its base either.
+          for base in PROXY_BASE_IMAGE LIMITS_BASE_IMAGE ROUTER_BASE_IMAGE; do set_env_value "$base" "$value"; done ;;
+        VLLM_CPU_IMAGE) ;;  # .env.example names it already
+        [A-Z]*) set_env_value "$name" "$value" ;;
+      esac
+    done < images.env
     build=()
     ;;
   *)

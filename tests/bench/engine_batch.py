@@ -39,7 +39,7 @@ REPO = BENCH_DIR.parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "integration")]
 import stack as test_stack  # noqa: E402
 from wire import extension_body, read_extension_body, sse_events  # noqa: E402
-from run_bench import CPUS, TICK, read_machine_ticks  # noqa: E402
+from sampling import CPUS, TICK, read_machine_ticks  # noqa: E402
 
 PROJECT = "dce-bench"
 # The default deployment on a CPU host (`make up`: one proxy worker) with the test override's random

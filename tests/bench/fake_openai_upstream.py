@@ -17,6 +17,9 @@ reads this one). A stream sends its first event with the headers, then one event
 interval on a fixed schedule (no drift), then `data: [DONE]`, each as its own HTTP chunk.
 
 Run: python fake_openai_upstream.py --port 18000 [--model NAME] [--host 127.0.0.1]
+
+One file of about 300 lines on purpose: it runs as a process of its own; the shapes of its answers
+are tests/vllm_shapes.py's, which the unit suite's fake speaks too.
 """
 
 from __future__ import annotations
@@ -28,14 +31,13 @@ import signal
 import socket
 import sys
 from email.utils import formatdate
+from pathlib import Path
 
-CREATED = 1_764_000_000
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shapes the unit fake speaks too
+from vllm_shapes import DONE, answer_head, dumps as _dumps, event, models_body, stream_choice, usage, whole_choice  # noqa: E402
+
 DEFAULT_TOKENS = 16
 MAX_TOKENS = 100_000
-
-
-def _dumps(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _chunk(payload: bytes) -> bytes:
@@ -47,9 +49,7 @@ class Responses:
 
     def __init__(self, model: str, max_model_len: int):
         self.model = model
-        self.models_body = _dumps({"object": "list", "data": [{
-            "id": model, "object": "model", "created": CREATED, "owned_by": "vllm", "root": model,
-            "parent": None, "max_model_len": max_model_len, "permission": []}]})
+        self.models_body = _dumps(models_body([model], max_model_len))
         self._json: dict[tuple, bytes] = {}
         self._events: dict[tuple, list[bytes]] = {}
 
@@ -58,48 +58,32 @@ class Responses:
         cached = self._json.get(key)
         if cached is None:
             text = "".join(f" tok{j}" for j in range(tokens))
-            if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
-                                                  "tool_calls": [], "reasoning": None},
-                          "logprobs": None, "finish_reason": "length", "stop_reason": None}
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
-                          "stop_reason": None, "prompt_logprobs": None}
-            cached = _dumps({
-                "id": "chatcmpl-bench" if chat else "cmpl-bench",
-                "object": "chat.completion" if chat else "text_completion",
-                "created": CREATED, "model": model, "choices": [choice],
-                "usage": {"prompt_tokens": 8, "total_tokens": 8 + tokens, "completion_tokens": tokens,
-                          "prompt_tokens_details": None}})
+            reasoning = {"reasoning": None} if chat else {}
+            cached = _dumps({**answer_head(chat, model, streamed=False),
+                             "choices": [whole_choice(chat, 0, text, "length", **reasoning)],
+                             "usage": usage(8, tokens, prompt_tokens_details=None)})
             self._json[key] = cached
         return cached
 
-    def events(self, chat: bool, model: str, tokens: int, usage: bool = False, continuous: bool = False) -> list[bytes]:
+    def events(self, chat: bool, model: str, tokens: int, with_usage: bool = False,
+               continuous: bool = False) -> list[bytes]:
         """The stream's HTTP chunks: one per token (the last one carries finish_reason), vLLM's usage
-        chunk with `usage` (stream_options.include_usage), then [DONE]. With `continuous`
+        chunk with `with_usage` (stream_options.include_usage), then [DONE]. With `continuous`
         (continuous_usage_stats too), vLLM's usage in every chunk as well."""
-        key = (chat, model, tokens, usage, continuous)
+        key = (chat, model, tokens, with_usage, continuous)
         cached = self._events.get(key)
         if cached is None:
-            head = {"id": "chatcmpl-bench" if chat else "cmpl-bench",
-                    "object": "chat.completion.chunk" if chat else "text_completion",
-                    "created": CREATED, "model": model}
+            head = answer_head(chat, model, streamed=True)
             cached = []
             for j in range(tokens):
                 finish = "length" if j == tokens - 1 else None
-                if chat:
-                    delta = {"role": "assistant", "content": f" tok{j}"} if j == 0 else {"content": f" tok{j}"}
-                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                else:
-                    choice = {"index": 0, "text": f" tok{j}", "logprobs": None, "finish_reason": finish,
-                              "stop_reason": None}
-                counts = {"usage": {"prompt_tokens": 8, "total_tokens": 9 + j, "completion_tokens": j + 1,
-                                    "completion_tokens_details": None}} if continuous else {}
-                cached.append(_chunk(b"data: " + _dumps({**head, "choices": [choice], **counts}) + b"\n\n"))
-            if usage:
-                cached.append(_chunk(b"data: " + _dumps({**head, "choices": [], "usage": {
-                    "prompt_tokens": 8, "total_tokens": 8 + tokens, "completion_tokens": tokens}}) + b"\n\n"))
-            cached.append(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                text = f" tok{j}"
+                delta_or_text = ({"role": "assistant", "content": text} if j == 0 else {"content": text}) if chat else text
+                counts = {"usage": usage(8, j + 1, completion_tokens_details=None)} if continuous else {}
+                cached.append(_chunk(event({**head, "choices": [stream_choice(chat, 0, delta_or_text, finish)], **counts})))
+            if with_usage:
+                cached.append(_chunk(event({**head, "choices": [], "usage": usage(8, tokens)})))
+            cached.append(_chunk(DONE) + b"0\r\n\r\n")
             self._events[key] = cached
         return cached
 
@@ -224,9 +208,9 @@ class Connection(asyncio.Protocol):
             chat = path == "/v1/chat/completions"
             if request.get("stream"):
                 options = request.get("stream_options") or {}
-                usage = bool(options.get("include_usage"))
-                self._start_stream(server.responses.events(chat, model, tokens, usage,
-                                                           usage and bool(options.get("continuous_usage_stats"))),
+                with_usage = bool(options.get("include_usage"))
+                self._start_stream(server.responses.events(chat, model, tokens, with_usage,
+                                                           with_usage and bool(options.get("continuous_usage_stats"))),
                                    interval)
             else:
                 self._respond(200, server.responses.body(chat, model, tokens))

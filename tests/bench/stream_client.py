@@ -22,6 +22,9 @@ header; and the proxy sends one event more than the tokens (the last token's chu
 
 Run: python stream_client.py --url https://localhost:8443 --cafile root.crt --key KEY \
         --connections 32 --streams-per-connection 6 --tokens 64 --interval-ms 5
+
+One file of over 300 lines on purpose: it runs as a process of its own, started by run_bench.py,
+and its timing loop and what it counts are read together.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ from testcontainers.compose import DockerCompose
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "dce-test"
+# The images scripts/build-images.sh builds, by the setting compose reads each one's name from.
+LOCAL_IMAGES = dict(line.split("=", 1) for line in (REPO / "images.env").read_text().splitlines()
+                    if line and not line.startswith("#"))
 # Two proxy workers sharing their limits in Redis (compose.scale.yaml): limits must hold across
 # workers, and a killed worker must not take the other's streams down. One worker, the default, is
 # what the unit suite runs under gunicorn.
@@ -173,7 +176,7 @@ def replicas_compose(tmp: Path, replicas: int = 2) -> tuple[list[str], list[str]
     files = ["compose.yaml", "compose.cpu.yaml", "compose.router.yaml", *map(str, generated), "compose.test.yaml",
              "tests/integration/compose.replicas.test.yaml"]
     urls = " ".join(f"http://{name}:8000" for name in replica_names(replicas))
-    return files, ["ROUTER_IMAGE=dce-router:local", f"VLLM_WORKER_URLS={urls}"]
+    return files, [f"VLLM_WORKER_URLS={urls}"]
 
 
 def _write_env(tmp: Path, project: str, key: str, other_key: str, load_keys: list[str],
@@ -195,11 +198,7 @@ def _write_env(tmp: Path, project: str, key: str, other_key: str, load_keys: lis
         # composed by one test session (test_replicas.py's beside the suite's) never mix.
         f"COMPOSE_PROJECT_NAME={project}",
         "DCE_DOMAIN=localhost",
-        "CADDY_IMAGE=dce-caddy:2.11.7",
-        "PROXY_IMAGE=dce-proxy:local",
-        "VLLM_CPU_IMAGE=dce-vllm-cpu:0.32.0-tiny",
-        "LIMITS_IMAGE=dce-limits:local",
-        "PROMETHEUS_IMAGE=dce-prometheus:local",
+        *(f"{name}={image}" for name, image in LOCAL_IMAGES.items() if name != "LOCAL_BASE_IMAGE"),
         "DCE_PROXY_WORKERS=2",
         f"VLLM_CPU_MAX_MODEL_LEN={MAX_MODEL_LEN}",
         f"DCE_API_KEYS_SECRET={keys}",

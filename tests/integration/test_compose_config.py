@@ -6,9 +6,8 @@ import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from stack import LOCAL_IMAGES, REPO
 
 
 def _config(*files: str, **settings: str) -> dict:
@@ -53,7 +52,7 @@ def test_cpu_profile_drops_the_gpu_and_keeps_the_rest():
     services = _config("compose.yaml", "compose.cpu.yaml")["services"]
     assert "deploy" not in services["vllm"]
     assert services["vllm"]["image"] == services["vllm-cache-owner"]["image"] == \
-        services["model-download"]["image"] == "dce-vllm-cpu:0.32.0-tiny"
+        services["model-download"]["image"] == LOCAL_IMAGES["VLLM_CPU_IMAGE"]  # .env.example's, built here
     assert services["model-download"]["environment"]["DCE_MODEL"] == "/models/tiny"  # in the image
     assert {name for name, service in services.items() if service.get("ports")} == {"caddy"}
 

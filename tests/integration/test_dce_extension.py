@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import figures
 
 from stack import LONG_STREAM_TOKENS, MAX_MODEL_LEN, TINY_VOCAB
-from wire import HELD_STREAM_READ_PAUSE, extension_body, open_held_tab, wait_until
+from wire import HELD_STREAM_READ_PAUSE, extension_body, open_held_tab, sse_events, wait_until
 from vllm_metrics import RUNNING, WAITING, VllmMetrics, idle
 
 BATCH = 10  # the extension fires this many requests at once
@@ -149,7 +149,7 @@ def test_generate_stream_tags_events_by_response_index(stack, session):
                             stream=True, timeout=120)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/event-stream")
-    events = [line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    events = sse_events(response.content)
     assert events[-1] == "[DONE]"
     parsed = [json.loads(event) for event in events[:-1]]
     assert {event["index"] for event in parsed if event["type"] == "finish"} == {0, 1, 2}

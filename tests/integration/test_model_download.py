@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import subprocess
 
-from stack import REPO
+from stack import LOCAL_IMAGES, REPO
 
-CPU_IMAGE = "dce-vllm-cpu:0.32.0-tiny"
+CPU_IMAGE = LOCAL_IMAGES["VLLM_CPU_IMAGE"]
 
 
 def test_the_test_stacks_model_needs_no_download(stack):

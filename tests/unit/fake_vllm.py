@@ -44,6 +44,10 @@ Observability:
                    peer close (socket readable with EOF, or a write failed)
   open_streams     streams currently being written
   streams_finished streams written to the end
+
+One file of about 500 lines on purpose: every control, fault and observation above acts on one
+HTTP handler. The shapes of its answers are tests/vllm_shapes.py's (the benchmark's fake speaks
+them too) and fake_responses.py's.
 """
 
 from __future__ import annotations
@@ -58,8 +62,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from fake_responses import response_events, response_object
-
-CREATED = 1_764_000_000  # fixed timestamp: keeps the fake's bytes deterministic
+from vllm_shapes import (CREATED, DONE, answer_head, dumps as _dumps, models_body, stream_choice, usage as usage_of,
+                         whole_choice)
 
 # What vLLM streams when the engine fails mid-generation (an error event, then [DONE]).
 ENGINE_ERROR = {"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError",
@@ -85,11 +89,6 @@ DEFAULTS: dict[str, Any] = {
     "reverse_choices": False,
     "hang_up_requests": 0,
 }
-
-
-def _dumps(obj: Any) -> bytes:
-    # vLLM (pydantic / FastAPI) writes compact JSON.
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class _Disconnected(Exception):
@@ -388,8 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         k = cfg["n_chunks"] if max_tokens is None else min(cfg["n_chunks"], max_tokens)
         finish = "length" if max_tokens is not None and max_tokens <= cfg["n_chunks"] else "stop"
-        usage = {"prompt_tokens": 7, "total_tokens": 7 + n * k, "completion_tokens": n * k,
-                 "prompt_tokens_details": None}
+        usage = usage_of(7, n * k, prompt_tokens_details=None)
         if body.get("stream") is True:
             options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
             if options.get("include_usage") and options.get("continuous_usage_stats"):
@@ -406,23 +404,11 @@ class _Handler(BaseHTTPRequestHandler):
         choices = []
         for i in range(n):
             text = "".join(f"{cfg['word']}{i}.{j} " for j in range(k))
-            if chat:
-                message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None,
-                                           "annotations": None, "audio": None, "function_call": None,
-                                           "tool_calls": []}
-                if cfg["reasoning"]:
-                    message[cfg["reasoning_field"]] = "".join(
-                        fake._thought(i, j) for j in range(cfg["n_reasoning_chunks"]))
-                choices.append({"index": i, "message": message, "logprobs": None, "finish_reason": finish,
-                                "stop_reason": None})
-            else:
-                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish,
-                                "stop_reason": None, "prompt_logprobs": None})
+            thought = {cfg["reasoning_field"]: "".join(fake._thought(i, j) for j in range(cfg["n_reasoning_chunks"]))}
+            choices.append(whole_choice(chat, i, text, finish, **(thought if chat and cfg["reasoning"] else {})))
         if cfg["reverse_choices"]:
             choices.reverse()
-        obj = {"id": "chatcmpl-fake" if chat else "cmpl-fake",
-               "object": "chat.completion" if chat else "text_completion",
-               "created": CREATED, "model": model, "choices": choices, "usage": usage}
+        obj = {**answer_head(chat, model, streamed=False), "choices": choices, "usage": usage}
         if cfg["fault"] == "truncate":
             # Promise the whole body, send half of it, hang up.
             payload = _dumps(obj)
@@ -440,9 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _events(self, cfg, chat, model, n, k, finish, usage):
         """Yield (content_round, event bytes) in vLLM's order."""
         fake = self.fake
-        base = {"id": "chatcmpl-fake" if chat else "cmpl-fake",
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": CREATED, "model": model}
+        base = answer_head(chat, model, streamed=True)
 
         continuous = usage is not None and usage.pop("continuous", False)
         sent = dict.fromkeys(range(n), 0)  # tokens sent per choice
@@ -458,10 +442,7 @@ class _Handler(BaseHTTPRequestHandler):
             return b"data: " + _dumps({**base, "choices": choices, **extra}) + b"\n\n"
 
         def choice(i: int, delta_or_text, finish_reason=None) -> dict:
-            if chat:
-                return {"index": i, "delta": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
-            return {"index": i, "text": delta_or_text, "logprobs": None, "finish_reason": finish_reason,
-                    "stop_reason": None}
+            return stream_choice(chat, i, delta_or_text, finish_reason)
 
         if chat:
             for i in range(n):
@@ -478,7 +459,7 @@ class _Handler(BaseHTTPRequestHandler):
                 yield j, event([choice(i, {"content": text} if chat else text, finish if last else None)])
         if usage is not None:
             yield k, event([], usage=usage)
-        yield k, b"data: [DONE]\n\n"
+        yield k, DONE
 
     def _stream(self, rec, cfg, events) -> None:
         """Writes `events` ((content round, bytes) pairs), with the configured interval and fault."""
@@ -534,13 +515,3 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-
-def models_body(model_ids, max_model_len: int) -> dict[str, Any]:
-    return {"object": "list", "data": [
-        {"id": mid, "object": "model", "created": CREATED, "owned_by": "vllm", "root": f"/models/{mid}",
-         "parent": None, "max_model_len": max_model_len,
-         "permission": [{"id": "modelperm-fake", "object": "model_permission", "created": CREATED,
-                         "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                         "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                         "organization": "*", "group": None, "is_blocking": False}]}
-        for mid in model_ids]}

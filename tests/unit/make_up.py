@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def make_checkout(tmp_path: Path) -> Path:
     """A copy of what up.sh reads, with docker, ensure-docker.sh and build-images.sh recording calls."""
     for name in (".env.example", "compose.yaml", "compose.cpu.yaml", "compose.scale.yaml", "compose.monitoring.yaml",
-                 "compose.router.yaml"):
+                 "compose.router.yaml", "images.env"):
         shutil.copy(REPO / name, tmp_path / name)
     (tmp_path / "scripts").mkdir()
     for script in ("up.sh", "replicas.py"):

@@ -2,7 +2,10 @@
 against the fake vLLM. Whatever a client sends: never a 5xx, never a
 traceback, always the JSON error shape for >= 400, and the app keeps serving.
 Where the contract is exact (generate's validation, auth) the answer is
-checked against an oracle too. The session prints how many requests ran."""
+checked against an oracle too. The session prints how many requests ran.
+
+One file of over 300 lines on purpose: the strategies and the oracle they are checked against are
+read together."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unit_helpers import ALICE_KEY, BOB_KEY, bearer
+from wire import sse_events
 
 MAX_N = 16
 AUTH = bearer(ALICE_KEY)
@@ -53,7 +57,7 @@ class Fuzzer:
             assert isinstance(err["message"], str) and isinstance(err["type"], str), err
             assert isinstance(err["code"], (str, int)), err
         if resp.status_code == 200 and resp.mimetype == "text/event-stream":
-            data_lines = [line[6:] for line in body.decode().split("\n") if line.startswith("data: ")]
+            data_lines = sse_events(body)
             assert data_lines[-1] == "[DONE]", data_lines[-3:]
             for line in data_lines[:-1]:
                 assert "error" not in json.loads(line), line  # the fake never fails here
