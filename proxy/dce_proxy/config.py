@@ -77,7 +77,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     inline_keys = tuple(_parse_keys(env.get("DCE_API_KEYS", "").split(","), "DCE_API_KEYS"))
     keys_file = env.get("DCE_API_KEYS_FILE", "").strip()
     file_keys = tuple(read_keys_file(keys_file)) if keys_file else ()
-    settings = Settings(
+    loaded = Settings(
         vllm_url=env.get("VLLM_URL", Settings.vllm_url).rstrip("/"),
         vllm_api_key=_read_secret(env.get("VLLM_API_KEY_FILE", "").strip(), "VLLM_API_KEY_FILE"),
         api_keys=inline_keys + file_keys,
@@ -106,25 +106,25 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         session_affinity=reader.boolean("DCE_SESSION_AFFINITY", False),
         cors_origins=_parse_origins(env.get("DCE_CORS_ORIGINS", "")),
     )
-    _check_consistency(settings)
-    return settings
+    _check_consistency(loaded)
+    return loaded
 
 
-def _check_consistency(settings: Settings) -> None:
-    if not settings.vllm_url.startswith(("http://", "https://")):
-        raise ConfigError(f"VLLM_URL must start with http:// or https://, got {settings.vllm_url!r}")
-    if not settings.api_keys and not settings.open_mode:
+def _check_consistency(loaded: Settings) -> None:
+    if not loaded.vllm_url.startswith(("http://", "https://")):
+        raise ConfigError(f"VLLM_URL must start with http:// or https://, got {loaded.vllm_url!r}")
+    if not loaded.api_keys and not loaded.open_mode:
         raise ConfigError(
             "no API key configured: set DCE_API_KEYS or DCE_API_KEYS_FILE, "
             "or DCE_OPEN_MODE=true for a public demo without keys"
         )
-    if settings.default_n > settings.max_n:
-        raise ConfigError(f"DCE_DEFAULT_N ({settings.default_n}) is above DCE_MAX_N ({settings.max_n})")
-    if settings.workers > 1 and not in_redis(settings.ratelimit_storage_uri):
+    if loaded.default_n > loaded.max_n:
+        raise ConfigError(f"DCE_DEFAULT_N ({loaded.default_n}) is above DCE_MAX_N ({loaded.max_n})")
+    if loaded.workers > 1 and not in_redis(loaded.ratelimit_storage_uri):
         # Each worker would count on its own: limits would silently multiply by the worker count.
         raise ConfigError(
             "DCE_PROXY_WORKERS > 1 needs the limits shared in Redis: DCE_RATELIMIT_STORAGE_URI=redis://...; "
-            f"with {settings.ratelimit_storage_uri.split(':')[0]}:// they would hold per worker, not for the service"
+            f"with {loaded.ratelimit_storage_uri.split(':')[0]}:// they would hold per worker, not for the service"
         )
 
 

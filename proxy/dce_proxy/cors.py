@@ -5,6 +5,8 @@ gets the CORS headers only from a listed origin, so a browser refuses the call f
 
 from __future__ import annotations
 
+import re
+
 from flask import Flask, Response, current_app, request
 from flask_cors import CORS
 
@@ -18,8 +20,12 @@ def init_cors(app: Flask, origins: tuple[str, ...]) -> None:
     """Register before authentication: the preflight must not be asked for a key."""
     if not origins:
         return
-    CORS(app, origins=list(origins), methods=["GET", "POST"], expose_headers=_EXPOSED_HEADERS,
-         max_age=_PREFLIGHT_MAX_AGE, supports_credentials=False)
+    # Each origin as an exact, case-insensitive pattern: flask-cors reads a plain string holding "["
+    # (an IPv6 origin) as a regular expression. Patterns also make it send Vary: Origin.
+    exact = [re.compile(re.escape(origin) + r"\Z", re.IGNORECASE) for origin in origins]
+    # always_send off: a client that sends no Origin (not a browser) is not told the trusted pages.
+    CORS(app, origins=exact, methods=["GET", "POST"], expose_headers=_EXPOSED_HEADERS,
+         max_age=_PREFLIGHT_MAX_AGE, supports_credentials=False, always_send=False)
     app.before_request(_answer_preflight)
 
 

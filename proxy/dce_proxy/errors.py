@@ -20,6 +20,10 @@ _HTTP_ERRORS = {
 }
 
 
+# FastAPI's answer to a route it does not have (vLLM serves embeddings only for an embedding model).
+_NO_SUCH_ROUTE = b'{"detail":"Not Found"}'
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str, code: str, *,
                  param: str | None = None, retry_after: int | None = None):
@@ -97,7 +101,7 @@ def upstream_error(status: int, body: bytes) -> ApiError:
     error = _vllm_error_object(body)
     if error is None and status >= 500:
         return upstream_unavailable(f"No vLLM server answered (HTTP {status}); try again in a few seconds.")
-    if error is None and status == 404:  # FastAPI's own 404: vLLM has no such route for its model
+    if status == 404 and body.strip() == _NO_SUCH_ROUTE:  # vLLM has no such route for its model
         return ApiError(404, "The served model does not support this route.", "invalid_request_error",
                         "unsupported_by_model")
     if error is None:

@@ -21,7 +21,7 @@ from .config import Settings, in_redis, settings
 from .errors import ApiError, limits_store_unavailable, too_many
 from .metrics import QUEUE_WAITING, key_label
 from .record import current_record
-from .slots import REDIS_TIMEOUTS, Release, Ticket, slot_store
+from .slots import REDIS_TIMEOUTS, LeasedSlots, LocalSlots, Release, Ticket, slot_store
 
 # A finished stream frees its slot at once; this only tells clients when to look again.
 _SLOT_RETRY_AFTER = 2
@@ -84,7 +84,7 @@ def rate_limits() -> RateLimits:
     return current_app.extensions["dce_rate_limits"]
 
 
-def _slots():
+def _slots() -> LocalSlots | LeasedSlots:
     return current_app.extensions["dce_slots"]
 
 

@@ -103,21 +103,22 @@ def check_prompt(body: dict) -> None:
 
 
 def check_input(body: dict) -> None:
-    """A Responses API request's input: a text, or a non-empty list of items."""
+    """A Responses API request's input: a text, or a non-empty list of items; never in the
+    background, which would run on in vLLM after its generation slot was freed."""
     value = body.get("input")
-    if isinstance(value, str) or (isinstance(value, list) and value):
-        return
-    raise invalid("input", "'input' must be a string or a non-empty list of input items.")
+    if not (isinstance(value, str) or (isinstance(value, list) and value)):
+        raise invalid("input", "'input' must be a string or a non-empty list of input items.")
+    if boolean(body, "background"):
+        raise invalid("background", "'background' is not served: a response runs while its request is open.")
 
 
-def map_model(body: dict, models: ModelInfo) -> dict:
+def map_model(body: dict, models: ModelInfo) -> None:
     """Any requested model name becomes a served one (an alias's target, else the default model)."""
     requested = body.get("model")
     if requested is not None and not isinstance(requested, str):
         raise invalid("model", "'model' must be a string.")
     model = settings().model_aliases.get(requested or "", requested)
     body["model"] = model if model in models.served else models.default
-    return body
 
 
 # A generation's token budget, as chat, completions and the Responses API name it.
@@ -143,7 +144,7 @@ def fit_to_model(body: dict, models: ModelInfo) -> dict:
     map_model(body, models)
     limit = models.max_model_len.get(body["model"])
     for name in _TOKEN_BUDGETS:
-        if limit and body.get(name) and body[name] > limit:
+        if limit and isinstance(body.get(name), int) and body[name] > limit:
             body[name] = limit
     return body
 

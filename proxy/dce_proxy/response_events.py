@@ -24,7 +24,7 @@ _TEXT_DELTA = re.compile(rb'"delta":\s*"[^"]')
 _EARLY_END = "vLLM ended the response stream before it was complete."
 
 
-def error_event(error: ApiError) -> bytes:
+def response_error_event(error: ApiError) -> bytes:
     body = error.body()
     event = {"type": "error", "code": error.code, "message": error.message, "param": error.param, **body}
     return b"event: error\ndata: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
@@ -44,7 +44,7 @@ class ResponseEventsRelay:
 
     @staticmethod
     def ending(error: ApiError) -> bytes:
-        return error_event(error)
+        return response_error_event(error)
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._splitter.whole(chunk)
@@ -53,7 +53,8 @@ class ResponseEventsRelay:
     def end(self) -> bytes:
         rest = b"".join(event + b"\n\n" for event in self._splitter.rest() if event_json(event_data(event) or b""))
         out = self._relayed(rest) if rest else b""
-        return out if self.complete else out + error_event(upstream_unavailable(_EARLY_END))
+        # A stream that already carried vLLM's error ends with it: the client has its reason.
+        return out if self.complete or self.failed else out + response_error_event(upstream_unavailable(_EARLY_END))
 
     def _relayed(self, events: bytes) -> bytes:
         self._record.saw_text_events(len(_TEXT_DELTA.findall(events)))

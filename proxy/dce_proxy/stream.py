@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Mapping, Protocol
 import redis
 from flask import Response, request
 
-from .config import settings as current_settings
+from .config import settings
 from .errors import ApiError, limits_store_unavailable, too_many, upstream_error, upstream_error_answer
 from .limits import Slot
 from .metrics import STREAMS_IN_FLIGHT, key_label
@@ -78,14 +78,14 @@ def _client_gone_probe(environ: dict) -> Callable[[], bool]:
 class _Stream:
     def __init__(self, upstream: Upstream, path: str, body: bytes, headers: Mapping[str, str], relay: Relay,
                  slot: Slot, client_gone: Callable[[], bool], record: RequestRecord):
-        settings = current_settings()
+        config = settings()
         self._upstream, self._path, self._body, self._headers = upstream, path, body, headers
         self._relay, self._slot, self._client_gone = relay, slot, client_gone
         self._record = record
         self._in_flight = STREAMS_IN_FLIGHT.labels(key_label(record.key))
-        self._interval = settings.heartbeat_seconds
-        self._queue_timeout = settings.queue_timeout
-        self._cap = settings.max_concurrent
+        self._interval = config.heartbeat_seconds
+        self._queue_timeout = config.queue_timeout
+        self._cap = config.max_concurrent
         self._pump: Pump | None = None
         self._next_beat = time.monotonic() + self._interval
         self._first = None  # the first item, when early_answer took it

@@ -323,6 +323,8 @@ class _Handler(BaseHTTPRequestHandler):
         if rec.path == "/tokenize" and isinstance(rec.json, dict):
             return self._send_json(rec, 200, {"count": 3, "max_model_len": cfg["max_model_len"], "tokens": [1, 2, 3],
                                               "token_strs": None})
+        if rec.path == "/detokenize" and isinstance(rec.json, dict):
+            return self._send_json(rec, 200, {"prompt": "tok"})
         return self._send_json(rec, 404, {"detail": "Not Found"})
 
     def _respond(self, rec: RecordedRequest, cfg: dict[str, Any]) -> None:

@@ -9,6 +9,8 @@ import threading
 import pytest
 import requests
 
+from dce_proxy.record import RequestRecord
+from dce_proxy.response_events import ResponseEventsRelay
 from fake_responses import PROMPT_TOKENS, RESPONSE_ID
 from test_metrics import requests_counted, scrape, value
 from unit_helpers import ALICE_KEY, access_lines, assert_error, bearer
@@ -119,10 +121,25 @@ def test_embeddings_for_a_chat_model_are_a_clear_404(client, fake_vllm):
     assert error["code"] == "unsupported_by_model"
 
 
-@pytest.mark.parametrize("path", ["/v1/responses/..%2Fmodels", "/v1/responses/a.b"])
-def test_a_response_id_cannot_change_the_path_sent_on(client, fake_vllm, path):
-    r = client.get(path, headers=AUTH)
-    assert r.status_code in (404, 422) and all("models" not in req.path for req in fake_vllm.requests)
+@pytest.mark.parametrize("response_id", ["a%3Fb", "..", "%2E%2E", "a.b", "a%23b"])
+def test_a_response_id_cannot_change_the_path_sent_on(client, fake_vllm, response_id):
+    assert_error(client.get(f"/v1/responses/{response_id}", headers=AUTH), 422, param="response_id")
+    assert_error(client.post(f"/v1/responses/{response_id}/cancel", headers=AUTH), 422, param="response_id")
+    assert fake_vllm.requests == []
+
+
+def test_a_response_in_the_background_is_refused(client, fake_vllm):
+    # vLLM would run it on after its request, and so after its generation slot, ended.
+    assert_error(client.post("/v1/responses", json={**RESPONSE, "background": True}, headers=AUTH), 422,
+                 param="background")
+    assert fake_vllm.generation_requests == []
+
+
+def test_vllms_error_event_ends_a_response_stream_without_another(fake_vllm):
+    relay = ResponseEventsRelay(RequestRecord("r"))
+    failure = b'event: error\ndata: {"type":"error","code":"x","message":"engine died","sequence_number":3}\n\n'
+    assert relay.feed(failure) == failure
+    assert relay.end() == b"" and relay.failed
 
 
 def test_a_stored_response_is_never_replayed_as_a_stream(client, fake_vllm):
@@ -150,9 +167,21 @@ def test_a_preflight_from_a_listed_origin_passes_without_a_key(make_app, fake_vl
     assert "authorization" in r.headers["Access-Control-Allow-Headers"].lower()
 
 
-def test_a_preflight_from_another_origin_gets_no_cors_headers(make_app, fake_vllm):
-    r = preflight(make_app(DCE_CORS_ORIGINS=ORIGIN).test_client(), "https://evil.example")
+@pytest.mark.parametrize("origin", ["https://evil.example", "https://chat.example.com.evil.example",
+                                    "http://chat.example.com", "http://1:3000"])
+def test_a_preflight_from_another_origin_gets_no_cors_headers(make_app, fake_vllm, origin):
+    r = preflight(make_app(DCE_CORS_ORIGINS=f"{ORIGIN},http://[::1]:3000").test_client(), origin)
     assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_an_ipv6_origin_is_matched_exactly(make_app, fake_vllm):
+    r = preflight(make_app(DCE_CORS_ORIGINS="http://[::1]:3000").test_client(), "http://[::1]:3000")
+    assert r.headers["Access-Control-Allow-Origin"] == "http://[::1]:3000"
+
+
+def test_a_client_without_an_origin_is_not_told_the_trusted_pages(make_app, fake_vllm):
+    r = make_app(DCE_CORS_ORIGINS=ORIGIN).test_client().post("/v1/responses", json=RESPONSE, headers=AUTH)
+    assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
 
 
 def test_cors_is_off_by_default(client, fake_vllm):
@@ -167,4 +196,12 @@ def test_a_listed_origin_reads_answers_and_errors_but_still_needs_the_key(make_a
     assert refused.headers["Access-Control-Allow-Origin"] == ORIGIN
     served = client.post("/v1/responses", json=RESPONSE, headers={"Origin": ORIGIN, **AUTH})
     assert served.status_code == 200 and served.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "Origin" in served.headers["Vary"]  # a shared cache must not serve it to another page
     assert "Retry-After" in served.headers["Access-Control-Expose-Headers"]
+
+
+def test_only_vllms_own_no_such_route_is_a_404_unsupported_by_model(client, fake_vllm):
+    fake_vllm.force_error = (404, "no such thing")  # another 404 without vLLM's JSON error: garbage, as before
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert assert_error(client.post("/v1/chat/completions", json=chat, headers=AUTH), 502)["code"] == \
+        "bad_upstream_response"
