@@ -62,7 +62,7 @@ class Stack:
         base_env = {k: v for k, v in os.environ.items() if not k.startswith(("DCE_", "VLLM_"))}
         self._spawn("fake", [sys.executable, str(BENCH_DIR / "fake_openai_upstream.py"),
                              "--port", str(self.ports["fake"]), "--model", SERVED_MODEL], base_env)
-        wait_until(lambda: http_get(self.url("direct"), "/v1/models")[0] == 200, 15, "the fake upstream",
+        wait_for_start(lambda: http_get(self.url("direct"), "/v1/models")[0] == 200, 15, "the fake upstream",
                    self.children["fake"])
 
         proxy_env = {
@@ -81,12 +81,12 @@ class Stack:
         if self.workers > 1:
             self._spawn("redis", [ensure_tool("redis-server"), "--bind", "127.0.0.1", "--port",
                                   str(self.ports["redis"]), "--save", "", "--appendonly", "no"], base_env)
-            wait_until(lambda: _answers(self.ports["redis"]), 15, "Redis", self.children["redis"])
+            wait_for_start(lambda: _answers(self.ports["redis"]), 15, "Redis", self.children["redis"])
             proxy_env["DCE_RATELIMIT_STORAGE_URI"] = f"redis://127.0.0.1:{self.ports['redis']}/0"
         gunicorn = VENV_BIN / "gunicorn"
         self._spawn("proxy", [str(gunicorn) if gunicorn.exists() else "gunicorn", "-c", "gunicorn.conf.py"],
                     proxy_env, cwd=self.proxy_dir)
-        wait_until(lambda: http_get(self.url("proxy"), "/readyz")[0] == 200, 30, "the proxy", self.children["proxy"])
+        wait_for_start(lambda: http_get(self.url("proxy"), "/readyz")[0] == 200, 30, "the proxy", self.children["proxy"])
 
         caddy = VENV_BIN / "caddy"
         caddy = str(caddy) if caddy.exists() else shutil.which("caddy")
@@ -99,7 +99,7 @@ class Stack:
         self._spawn("caddy", [caddy, "run", "--config", str(BENCH_DIR / "Caddyfile"), "--adapter", "caddyfile"],
                     caddy_env)
         self.caddy_ca = data_home / "caddy" / "pki" / "authorities" / "local" / "root.crt"
-        wait_until(lambda: self.caddy_ca.exists() and http_get(self.url("caddy"), "/healthz", self.caddy_ca)[0] == 200,
+        wait_for_start(lambda: self.caddy_ca.exists() and http_get(self.url("caddy"), "/healthz", self.caddy_ca)[0] == 200,
                    30, "Caddy", self.children["caddy"])
 
     def pid(self, name: str) -> int:
@@ -142,7 +142,8 @@ def children_of(pid: int) -> list[int]:
     return sorted(set(found))
 
 
-def wait_until(check, seconds: float, what: str, child: subprocess.Popen):
+def wait_for_start(check, seconds: float, what: str, child: subprocess.Popen):
+    """Waits for a child process to answer `check`; stops the bench at once if the child exits."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if child.poll() is not None:
