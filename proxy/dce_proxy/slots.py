@@ -20,9 +20,11 @@ log = logging.getLogger("dce_proxy")
 Release = Callable[[], None]
 
 # A killed worker cannot free its slots; in Redis each slot is a lease that lapses this long after
-# its worker last renewed it, so those slots come back by themselves.
-LEASE_SECONDS = 30
-_RENEW_EVERY_SECONDS = 10
+# its worker last renewed it, so those slots come back by themselves. A live worker renews far more
+# often than that: on two starved cores (a CI run whose tasks waited for a CPU 31 of 36 s) a worker
+# must not lose the leases of streams it still runs, which would let its key past its cap.
+LEASE_SECONDS = 60
+_RENEW_EVERY_SECONDS = 5
 # Every talk with Redis (slots here, rate limits in limits.py) gives up after this: a Redis that stopped
 # answering is then a 503 (limits_store_unavailable), never a request that hangs with nothing sent.
 REDIS_TIMEOUTS = {"socket_timeout": 2, "socket_connect_timeout": 2}

@@ -86,4 +86,17 @@ class Watch:
                 f"tasks waited for a CPU {end.cpu_some - start.cpu_some:.1f} s, "
                 f"{end.major_faults - start.major_faults} pages read back from disk, "
                 f"this process's 0.1-s ticks up to {self.worst_tick_late:.1f} s late, "
-                f"proxy workers killed for a missed heartbeat: {worker_timeouts}")
+                f"proxy workers killed for a missed heartbeat: {worker_timeouts}") + _warnings(proxy_log)
+
+
+def _warnings(proxy_log: str) -> str:
+    """The proxy's warnings and errors meanwhile (e.g. a slot lease it could not renew), each once."""
+    found: dict[str, int] = {}
+    for line in proxy_log.splitlines():
+        if '"level": "warning"' in line or '"level": "error"' in line:
+            message = line.partition('"message": ')[2][:200] or line[-200:]
+            found[message] = found.get(message, 0) + 1
+    if not found:
+        return "; the proxy logged no warning or error"
+    return "; the proxy's warnings and errors (count, message):\n" + "\n".join(
+        f"  {count} x {message}" for message, count in found.items())
