@@ -8,12 +8,10 @@ import shutil
 
 bind = os.environ.get("DCE_PROXY_BIND", "0.0.0.0:8000")
 worker_class = "gevent"
-# Name lookups (vLLM's, Redis's) go to gevent's default resolver, the system's, in a pool of threads:
-# it asks Docker's DNS each time. gevent's c-ares resolver was faster for a burst of new connections
-# (make bench: 1,000 streams on a fresh worker, 1,000 open at once instead of 668), but its query
-# cache kept a replaced container's old address for the DNS record's lifetime: after vLLM was
-# recreated, the proxy connected to whatever container got that address next (measured; a CI run
-# sent a whole batch elsewhere). tests/unit/test_server.py checks the resolver.
+# Name lookups (vLLM's, Redis's): the system's resolver, asked for each new connection, one lookup
+# shared by the connections that ask at once (dce_proxy/resolver.py says why, and why no cache).
+# gevent reads this when a worker first resolves a name. tests/unit/test_server.py checks it.
+os.environ["GEVENT_RESOLVER"] = "dce_proxy.resolver.SharedLookups"
 # One worker unless told (make up chooses from the host's cores): the in-memory limits then hold for
 # the whole service (see config.py); more need Redis.
 workers = int(os.environ.get("DCE_PROXY_WORKERS", "1"))

@@ -68,7 +68,8 @@ class Stack:
         proxy_env = {
             **base_env,
             "DCE_API_KEYS": f"bench:{self.key}",
-            "VLLM_URL": self.url("direct"),
+            # By name, as deployed ("vllm"): every new connection to it starts with a lookup.
+            "VLLM_URL": f"http://localhost:{self.ports['fake']}",
             "DCE_PROXY_BIND": f"127.0.0.1:{self.ports['proxy']}",
             "DCE_RATE_LIMIT": RATE_LIMIT,
             "DCE_MAX_CONCURRENT": str(MAX_CONCURRENT),
