@@ -15,6 +15,7 @@ as vLLM sends them, 16 when absent), `stream` picks SSE, and the benchmark-only 
 `bench_interval_ms` is the cadence between two events (vLLM ignores unknown fields; this fake
 reads this one). A stream sends its first event with the headers, then one event every
 interval on a fixed schedule (no drift), then `data: [DONE]`, each as its own HTTP chunk.
+A connection idle for 5 s after an answer is closed, as uvicorn (vLLM's server) closes it.
 
 Run: python fake_openai_upstream.py --port 18000 [--model NAME] [--host 127.0.0.1]
 
@@ -37,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shap
 from vllm_shapes import DONE, answer_head, dumps as _dumps, event, models_body, stream_choice, usage, whole_choice  # noqa: E402
 
 DEFAULT_TOKENS = 16
+# As uvicorn, which serves vLLM (its timeout_keep_alive): a connection idle this long after an answer
+# is closed, so a burst after a pause finds the proxy's pooled connections closed, as it would.
+IDLE_CLOSE_SECONDS = 5.0
 MAX_TOKENS = 100_000
 
 
@@ -131,17 +135,23 @@ class Connection(asyncio.Protocol):
         self.streaming = False
         self.closed = False
         self.close_after = False
+        self.idle_close = None
 
     def connection_made(self, transport):
         self.transport = transport
 
     def connection_lost(self, exc):
         self.closed = True
+        if self.idle_close is not None:
+            self.idle_close.cancel()
         if self.streaming:
             self.streaming = False
             self.server.stats.open_streams -= 1
 
     def data_received(self, data: bytes):
+        if self.idle_close is not None:
+            self.idle_close.cancel()
+            self.idle_close = None
         self.buffer += data
         if not self.streaming:
             self._serve_buffered()
@@ -183,6 +193,18 @@ class Connection(asyncio.Protocol):
                                  status, reason, self.server.date.get(), len(body), content_type,
                                  b"connection: close\r\n" if close else b"", body))
         if close:
+            self.closed = True
+            self.transport.close()
+        else:
+            self._answered()
+
+    def _answered(self):
+        if not self.buffer and self.idle_close is None:
+            self.idle_close = self.loop.call_later(IDLE_CLOSE_SECONDS, self._close_idle)
+
+    def _close_idle(self):
+        self.idle_close = None
+        if not self.streaming and not self.closed:
             self.closed = True
             self.transport.close()
 
@@ -268,6 +290,8 @@ class Connection(asyncio.Protocol):
             self.transport.close()
         elif self.buffer:
             self._serve_buffered()
+        else:
+            self._answered()
 
 
 class FakeUpstream:
