@@ -10,7 +10,6 @@ errors with their status); later, the client already has its 200 and errors beco
 from __future__ import annotations
 
 import queue
-import select
 import socket
 import time
 from typing import Callable, Iterator, Mapping, Protocol
@@ -24,6 +23,7 @@ from .limits import Slot
 from .metrics import STREAMS_IN_FLIGHT, key_label
 from .pump import ENDED, OPENED, Failed, Pump, Refused
 from .record import Outcome, RequestRecord, current_record
+from .sockets import readable_now
 from .sse import HEARTBEAT
 from .upstream import Upstream
 
@@ -67,8 +67,7 @@ def _client_gone_probe(environ: dict) -> Callable[[], bool]:
 
     def gone() -> bool:
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+            return readable_now(sock) and sock.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
 

@@ -19,6 +19,7 @@ from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, Re
 from .config import Settings
 from .errors import ApiError, upstream_garbage, upstream_timeout, upstream_unavailable
 from .model_status import not_ready_reason
+from .sockets import readable_now
 
 log = logging.getLogger("dce_proxy")
 
@@ -45,6 +46,14 @@ class ModelInfo:
     @property
     def default(self) -> str:
         return self.served[0]
+
+
+class _Connection(urllib3.connection.HTTPConnection):
+    @property
+    def is_connected(self) -> bool:
+        # Asked before a pooled connection is reused: readable while idle means closed by vLLM (its
+        # server drops connections idle for 5 s). urllib3's own check is gevent's emulated poll.
+        return self.sock is not None and not readable_now(self.sock)
 
 
 class _Reading:
@@ -79,6 +88,7 @@ class Upstream:
         self._pool = urllib3.connection_from_url(
             settings.vllm_url, maxsize=2048, block=False, retries=False, timeout=self._timeout,
             socket_options=urllib3.connection.HTTPConnection.default_socket_options + _KEEPALIVE)
+        self._pool.ConnectionCls = _Connection
         self._model_status_file = settings.model_status_file
         self._models: ModelInfo | None = None
         self._models_read_at = 0.0

@@ -1,0 +1,59 @@
+"""Asking a socket whether it has something to read, without waiting (dce_proxy/sockets.py): for
+vLLM's pooled connections and for a client waiting in line, at any descriptor number."""
+
+import resource
+import socket
+
+import pytest
+
+from dce_proxy import sockets
+from dce_proxy.stream import _client_gone_probe
+from dce_proxy.upstream import _Connection
+
+
+@pytest.fixture
+def high_socket_pair():
+    """A connected pair whose first socket's descriptor is above 1,023, where select() refuses it: a
+    worker holding 500 streams has such descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    fillers = [socket.socket() for _ in range(1030)]
+    ours, peer = socket.socketpair()
+    assert ours.fileno() > 1023
+    yield ours, peer
+    for sock in (*fillers, ours, peer):
+        sock.close()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_readable_now_tells_idle_data_and_closed_apart_at_a_high_descriptor(high_socket_pair):
+    ours, peer = high_socket_pair
+    assert sockets.readable_now(ours) is False
+    peer.sendall(b"x")
+    assert sockets.readable_now(ours) is True
+    ours.recv(1)
+    peer.close()
+    assert sockets.readable_now(ours) is True  # the end of the stream reads too
+
+
+def test_a_pooled_connection_vllm_closed_or_wrote_to_while_idle_is_not_reused(high_socket_pair):
+    ours, peer = high_socket_pair
+    connection = _Connection("vllm", 8000)
+    connection.sock = ours
+    assert connection.is_connected
+    peer.sendall(b"HTTP/1.1 200 OK\r\n")  # nothing may come on an idle connection
+    assert not connection.is_connected
+    connection.sock = None
+    assert not connection.is_connected
+
+
+def test_a_client_in_line_is_seen_leaving_at_a_high_descriptor(high_socket_pair):
+    ours, peer = high_socket_pair
+    gone = _client_gone_probe({"gunicorn.socket": ours})
+    assert gone() is False
+    peer.sendall(b"GET / HTTP/1.1\r\n")  # a pipelined request is not a goodbye
+    assert gone() is False
+    ours.recv(64)
+    peer.close()
+    assert gone() is True
