@@ -1,9 +1,10 @@
 """Request rate (`limits`' moving window) and in-flight generations (slots.py) per client: a 429 over
 either, or, on the DCE extension's route, a wait in line for a slot. Failed authentications per address.
 
-The rate is `limits`' own strategy called once per request, in memory or in the Redis the workers
-share: flask-limiter, which did it before, spent about 300 µs of each request on evaluating its
-decorators and exemptions around the one hit that this needs (8-36 µs, measured on this hardware)."""
+The rate is `limits`' moving window called once per request: its own strategy in the Redis the
+workers share, or the same rule in this process (moving_window.py says why not limits' memory
+store). flask-limiter, which did it before, spent about 300 µs of each request on evaluating its
+decorators and exemptions around the one hit that this needs."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from limits.strategies import MovingWindowRateLimiter
 from .config import Settings, in_redis, settings
 from .errors import ApiError, limits_store_unavailable, too_many
 from .metrics import QUEUE_WAITING, key_label
+from .moving_window import LocalMovingWindow
 from .record import current_record
 from .slots import REDIS_TIMEOUTS, LeasedSlots, LocalSlots, Release, Ticket, slot_store
 
@@ -53,8 +55,11 @@ class RateLimits:
     authentications per address (DCE_AUTH_FAILURE_LIMIT), in one store."""
 
     def __init__(self, storage_uri: str, rate_limit: str, auth_failure_limit: str):
-        options = REDIS_TIMEOUTS if in_redis(storage_uri) else {}
-        self._window = MovingWindowRateLimiter(storage_from_string(storage_uri, **options))
+        if storage_uri.startswith("memory://"):
+            self._window: LocalMovingWindow | MovingWindowRateLimiter = LocalMovingWindow()
+        else:
+            options = REDIS_TIMEOUTS if in_redis(storage_uri) else {}
+            self._window = MovingWindowRateLimiter(storage_from_string(storage_uri, **options))
         # Shortest window first, as flask-limiter checked them: a request refused by a short window
         # must not spend the budget of a longer one.
         self._rate = sorted(parse_many(rate_limit))
