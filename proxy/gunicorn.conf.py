@@ -10,7 +10,8 @@ bind = os.environ.get("DCE_PROXY_BIND", "0.0.0.0:8000")
 worker_class = "gevent"
 # Name lookups (vLLM's, Redis's): the system's resolver, asked for each new connection, one lookup
 # shared by the connections that ask at once (dce_proxy/resolver.py says why, and why no cache).
-# gevent reads this when a worker first resolves a name. tests/unit/test_server.py checks it.
+# gevent reads this when a worker first resolves a name (it replaces any GEVENT_RESOLVER given).
+# tests/unit/test_resolver.py checks it.
 os.environ["GEVENT_RESOLVER"] = "dce_proxy.resolver.SharedLookups"
 # One worker unless told (make up chooses from the host's cores): the in-memory limits then hold for
 # the whole service (see config.py); more need Redis.

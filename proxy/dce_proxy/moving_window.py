@@ -1,8 +1,10 @@
 """limits' moving window kept in this process, for one worker (limits' own, in Redis, serves several).
 
-The rule is limits' MovingWindowRateLimiter's, with its interface (hit, test, get_window_stats): a hit
-counts if fewer than the limit's amount were counted within its window; the window resets when the
-oldest of those leaves it. Here a deque of times per key, pruned as it is used, instead of limits'
+The rule is limits' MovingWindowRateLimiter's, with the part of its interface that limits.py uses
+(hit, test, get_window_stats, one unit per hit): a hit counts if fewer than the limit's amount were
+counted within its window; the window resets when the oldest of those leaves it. (A hit exactly one
+window old still counts here, for every method, as it does in limits' hit; limits' test and
+stats leave it out.) Here a deque of times per key, pruned as it is used, instead of limits'
 MemoryStorage, which prunes in a thread that it starts again every 10 ms: under gevent, a request
 that finds that thread not (yet) running starts another and waits a turn of the loop for it. In a
 burst of 1,000 streams nearly every request did, and that wait was 400 ms of a first token's 1.3 s
@@ -24,7 +26,7 @@ _SWEEP_SECONDS = 60.0
 class LocalMovingWindow:
     def __init__(self):
         self._windows: dict[str, tuple[int, deque[float]]] = {}  # key -> (window seconds, hit times)
-        self._lock = threading.Lock()  # (under gevent nothing switches inside; in threads, this is exact)
+        self._lock = threading.Lock()  # for real threads (the unit suite's); under gevent nothing switches inside
         self._next_sweep = time.monotonic() + _SWEEP_SECONDS
 
     def hit(self, item: RateLimitItem, *identifiers: str) -> bool:

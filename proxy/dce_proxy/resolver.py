@@ -13,6 +13,7 @@ against all 1,000 and 2 s once warm).
 from __future__ import annotations
 
 import _socket
+from socket import EAI_AGAIN, gaierror
 
 from gevent.event import AsyncResult
 from gevent.resolver.thread import Resolver
@@ -27,10 +28,18 @@ class SharedLookups(Resolver):
         question = (args, tuple(sorted(kwargs.items())))
         answer = self._under_way.get(question)
         if answer is None:
-            # Runs in a thread of the pool, not in the asker's greenlet: a waiter killed meanwhile
-            # (a client that left) leaves the lookup and the others waiting for it unharmed.
-            answer = self._under_way[question] = self.pool.spawn(_socket.getaddrinfo, *args, **kwargs)
+            # Known as under way before the pool takes it: with every thread of the pool busy, the
+            # spawn waits, and the askers meanwhile must wait for this lookup, not queue their own.
+            answer = self._under_way[question] = AsyncResult()
             answer.rawlink(lambda done: self._forget(question, done))
+            try:
+                # In a thread of the pool, not in this greenlet: an asker killed meanwhile (a client
+                # that left) leaves the lookup and the others waiting for it unharmed.
+                self.pool.spawn(_socket.getaddrinfo, *args, **kwargs).rawlink(answer)
+            except BaseException:  # killed while the pool was full: the others are told to retry
+                answer.set_exception(gaierror(EAI_AGAIN, "the lookup was interrupted"))
+                raise
+        # As slow as the system's own lookup, whose waits resolv.conf bounds (timeout x attempts).
         return answer.get()
 
     def _forget(self, question: tuple, done: AsyncResult) -> None:

@@ -1,10 +1,10 @@
 """Whether a socket has something to read (bytes or its end) right now, without waiting.
 
-The system's poll(), not gevent's: gevent replaces select.poll with an emulation that costs a
-watcher and a turn of its loop per call (urllib3 asks before each reuse of a pooled connection to
-vLLM: a tenth of a request's CPU, make bench), and its select() passes to the system's, which
-refuses a descriptor above 1,023, as a worker holding 500 streams has (ValueError). A poll with no
-timeout never blocks, so the system's is safe in a greenlet.
+The system's poll(), not gevent's: gevent replaces select.poll with an emulation that sets up a
+watcher per call (urllib3 asks before each reuse of a pooled connection to vLLM), and gevent's
+select() passes to the system's, which refuses a descriptor above 1,023, as a worker holding 500
+streams has (ValueError). A poll with a zero timeout never blocks, so the system's is safe in a
+greenlet.
 """
 
 from __future__ import annotations

@@ -48,12 +48,23 @@ class ModelInfo:
         return self.served[0]
 
 
-class _Connection(urllib3.connection.HTTPConnection):
+class _IdleCheck:
+    """urllib3 asks a pooled connection this before reusing it: readable while idle means closed by
+    vLLM (its server drops connections idle for 5 s). urllib3's own check is gevent's emulated poll."""
+
+    sock: socket.socket | None
+
     @property
     def is_connected(self) -> bool:
-        # Asked before a pooled connection is reused: readable while idle means closed by vLLM (its
-        # server drops connections idle for 5 s). urllib3's own check is gevent's emulated poll.
         return self.sock is not None and not readable_now(self.sock)
+
+
+class _Connection(_IdleCheck, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _TLSConnection(_IdleCheck, urllib3.connection.HTTPSConnection):
+    pass
 
 
 class _Reading:
@@ -88,7 +99,8 @@ class Upstream:
         self._pool = urllib3.connection_from_url(
             settings.vllm_url, maxsize=2048, block=False, retries=False, timeout=self._timeout,
             socket_options=urllib3.connection.HTTPConnection.default_socket_options + _KEEPALIVE)
-        self._pool.ConnectionCls = _Connection
+        self._pool.ConnectionCls = _TLSConnection if isinstance(self._pool, urllib3.HTTPSConnectionPool) \
+            else _Connection
         self._model_status_file = settings.model_status_file
         self._models: ModelInfo | None = None
         self._models_read_at = 0.0

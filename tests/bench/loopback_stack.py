@@ -68,8 +68,7 @@ class Stack:
         proxy_env = {
             **base_env,
             "DCE_API_KEYS": f"bench:{self.key}",
-            # By name, as deployed ("vllm"): every new connection to it starts with a lookup.
-            "VLLM_URL": f"http://localhost:{self.ports['fake']}",
+            "VLLM_URL": f"http://{_fake_upstream_name()}:{self.ports['fake']}",
             "DCE_PROXY_BIND": f"127.0.0.1:{self.ports['proxy']}",
             "DCE_RATE_LIMIT": RATE_LIMIT,
             "DCE_MAX_CONCURRENT": str(MAX_CONCURRENT),
@@ -122,6 +121,15 @@ class Stack:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+
+
+def _fake_upstream_name() -> str:
+    """The proxy reaches the fake by name, as it reaches "vllm": each new connection starts with a
+    lookup through its resolver (answered from /etc/hosts here, by Docker's DNS when deployed). Only
+    where "localhost" means 127.0.0.1 alone, the fake's one address (a ::1 first would add a refused
+    connection to each)."""
+    addresses = {info[4][0] for info in socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)}
+    return "localhost" if addresses == {"127.0.0.1"} else "127.0.0.1"
 
 
 def _answers(port: int) -> bool:

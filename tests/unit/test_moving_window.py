@@ -1,8 +1,9 @@
 """The in-process moving window (dce_proxy/moving_window.py) answers as limits' own moving window does."""
 
 import random
-import time
+import types
 
+import limits.storage.memory
 import pytest
 from limits import parse
 from limits.storage import MemoryStorage
@@ -14,13 +15,14 @@ from dce_proxy.moving_window import LocalMovingWindow
 
 @pytest.fixture
 def clock(monkeypatch):
-    """time.time and time.monotonic, moved by the test only."""
+    """The clock of both windows (ours, and limits' memory store), moved by the test only."""
 
     class Clock:
         now = 1_800_000_000.0
 
-    monkeypatch.setattr(time, "time", lambda: Clock.now)
-    monkeypatch.setattr(time, "monotonic", lambda: Clock.now)
+    fake = types.SimpleNamespace(time=lambda: Clock.now, monotonic=lambda: Clock.now)
+    monkeypatch.setattr(moving_window, "time", fake)
+    monkeypatch.setattr(limits.storage.memory, "time", fake)
     return Clock
 
 
@@ -55,9 +57,11 @@ def test_a_full_window_resets_when_its_oldest_hit_leaves_it(clock):
 
 
 def test_keys_with_nothing_in_their_window_are_dropped(clock):
-    window, limit = LocalMovingWindow(), parse("30/minute")
+    window, limit, hour = LocalMovingWindow(), parse("30/minute"), parse("30/hour")
     for address in range(100):
         window.hit(limit, "auth-failures", f"10.0.0.{address}")
+    window.hit(hour, "auth-failures", "10.0.0.1")
     clock.now += moving_window._SWEEP_SECONDS + 61
     window.hit(limit, "auth-failures", "10.0.1.1")
-    assert len(window._windows) == 1
+    assert len(window._windows) == 2  # the new one, and the hour's, whose hit is still in its window
+    assert window.get_window_stats(hour, "auth-failures", "10.0.0.1").remaining == 29

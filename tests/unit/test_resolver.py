@@ -4,8 +4,10 @@ import os
 import subprocess
 import sys
 import threading
+import types
 
 import gevent
+import gevent.threadpool
 import pytest
 
 from conftest import PROXY_DIR
@@ -29,7 +31,8 @@ def system_lookups(monkeypatch):
             raise OSError(-2, "Name or service not known")
         return [(2, 1, 6, "", (f"10.0.0.{Lookups.calls}", port))]
 
-    monkeypatch.setattr(resolver._socket, "getaddrinfo", getaddrinfo)
+    # The resolver's own view of the system only: other threads of the test process resolve as usual.
+    monkeypatch.setattr(resolver, "_socket", types.SimpleNamespace(getaddrinfo=getaddrinfo))
     return Lookups
 
 
@@ -73,3 +76,19 @@ def test_the_workers_use_it():
                           cwd=PROXY_DIR, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "SharedLookups", done.stdout
+
+
+def test_askers_wait_for_a_lookup_the_full_pool_has_not_started(system_lookups):
+    hub = gevent.get_hub()
+    lookups = resolver.SharedLookups(hub)
+    lookups.pool = gevent.threadpool.ThreadPool(1, hub)
+    # Its one thread busy and its queue full (gevent queues one task more than it has threads).
+    blockers = [lookups.pool.spawn(system_lookups.let_go.wait, 30) for _ in range(2)]
+    askers = [gevent.spawn(lookups.getaddrinfo, "vllm", 8000) for _ in range(5)]
+    gevent.sleep(0)
+    system_lookups.let_go.set()
+    for blocker in blockers:
+        blocker.get()
+    gevent.joinall(askers, raise_error=True)
+    assert system_lookups.calls == 1
+    lookups.pool.kill()

@@ -8,7 +8,8 @@ import pytest
 
 from dce_proxy import sockets
 from dce_proxy.stream import _client_gone_probe
-from dce_proxy.upstream import _Connection
+from dce_proxy.config import load_settings
+from dce_proxy.upstream import Upstream, _Connection
 
 
 @pytest.fixture
@@ -16,15 +17,21 @@ def high_socket_pair():
     """A connected pair whose first socket's descriptor is above 1,023, where select() refuses it: a
     worker holding 500 streams has such descriptors."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 2048:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
-    fillers = [socket.socket() for _ in range(1030)]
-    ours, peer = socket.socketpair()
-    assert ours.fileno() > 1023
-    yield ours, peer
-    for sock in (*fillers, ours, peer):
-        sock.close()
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the open files limit ({hard}) is too low to reach a descriptor above 1,023")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096) if hard == resource.RLIM_INFINITY
+                                                else max(soft, min(4096, hard)), hard))
+    opened = []
+    try:
+        opened += [socket.socket() for _ in range(1030)]
+        ours, peer = socket.socketpair()
+        opened += [ours, peer]
+        assert ours.fileno() > 1023
+        yield ours, peer
+    finally:
+        for sock in opened:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_readable_now_tells_idle_data_and_closed_apart_at_a_high_descriptor(high_socket_pair):
@@ -57,3 +64,11 @@ def test_a_client_in_line_is_seen_leaving_at_a_high_descriptor(high_socket_pair)
     ours.recv(64)
     peer.close()
     assert gone() is True
+
+
+@pytest.mark.parametrize("url", ["http://vllm:8000", "https://vllm:8443"])
+def test_the_pool_checks_its_connections_so_over_http_and_https(url):
+    upstream = Upstream(load_settings({"DCE_API_KEYS": "alice:" + "a" * 32, "VLLM_URL": url}))
+    connection = upstream._pool._new_conn()  # (not connected yet: made, never opened)
+    assert type(connection).is_connected is _Connection.is_connected
+    assert not connection.is_connected
