@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from typing import Callable, Iterator
 
 import urllib3
@@ -16,7 +15,7 @@ from .config import settings
 from .errors import (ApiError, from_upstream, json_response, upstream_error_answer, upstream_garbage,
                      upstream_unavailable)
 from .record import RequestRecord, current_record
-from .sse import DONE, EventSplitter, event_data, event_json, has_done, split_whole
+from .sse import DONE, EventSplitter, LineMatch, event_data, event_json, has_done, split_whole
 from .response_events import ResponseEventsRelay
 from .stream import Relay, stream_response
 from .upstream import UpstreamStreamError, iter_body, read_all, upstream
@@ -35,7 +34,7 @@ _EARLY_END = "vLLM ended the stream before it was complete."
 # prompt's token ids when asked for).
 _USAGE_TAIL_BYTES = 65536
 # vLLM's error event in a stream, {"error": {...}}: a top-level key, which text cannot fake.
-_VLLM_ERROR_EVENT = re.compile(rb'(?:^|\n)data: ?\{\s*"error"\s*:')
+_VLLM_ERROR_EVENT = LineMatch(rb'(?:^|\n)data: ?\{\s*"error"\s*:', b'"error"')
 
 
 def upstream_error_response(answer: urllib3.BaseHTTPResponse) -> Response:
@@ -101,7 +100,7 @@ class Passthrough(_ChatEvents):
         count_text_events(events, self._record)
         if USAGE_KEY.search(events):
             events = b"".join(self._usage_read(event) for event in split_whole(events))
-        self.failed = self.failed or _VLLM_ERROR_EVENT.search(events) is not None
+        self.failed = self.failed or _VLLM_ERROR_EVENT.found_in(events)
         self.complete = self.complete or has_done(events)
         return events
 

@@ -13,12 +13,13 @@ import re
 
 from .errors import ApiError, upstream_unavailable
 from .record import RequestRecord
-from .sse import EventSplitter, event_data, event_json, split_whole
+from .sse import EventSplitter, LineMatch, event_data, event_json, split_whole
 
 # The event that ends a response, as its `event:` line (JSON holds no raw line break: text cannot
 # start a line).
-_LAST_EVENT = re.compile(rb"(?:^|\n)event: ?response\.(?:completed|incomplete|failed)\r?\n")
-_FAILURE_EVENT = re.compile(rb"(?:^|\n)event: ?(?:error|response\.failed)\r?\n")
+_LAST_EVENT = LineMatch(rb"(?:^|\n)event: ?response\.(?:completed|incomplete|failed)\r?\n",
+                        b"response.completed", b"response.incomplete", b"response.failed")
+_FAILURE_EVENT = LineMatch(rb"(?:^|\n)event: ?(?:error|response\.failed)\r?\n", b"error", b"response.failed")
 # A delta of output text, reasoning text or tool-call arguments: one token each.
 _TEXT_DELTA = re.compile(rb'"delta":\s*"[^"]')
 _EARLY_END = "vLLM ended the response stream before it was complete."
@@ -58,15 +59,15 @@ class ResponseEventsRelay:
 
     def _relayed(self, events: bytes) -> bytes:
         self._record.saw_text_events(len(_TEXT_DELTA.findall(events)))
-        self.failed = self.failed or _FAILURE_EVENT.search(events) is not None
-        if _LAST_EVENT.search(events):
+        self.failed = self.failed or _FAILURE_EVENT.found_in(events)
+        if _LAST_EVENT.found_in(events):
             self.complete = True
             self._take_usage(events)
         return events
 
     def _take_usage(self, events: bytes) -> None:
         for event in split_whole(events):
-            if _LAST_EVENT.search(event):
+            if _LAST_EVENT.found_in(event):
                 payload = event_json(event_data(event) or b"") or {}
                 response = payload.get("response")
                 usage = response.get("usage") if isinstance(response, dict) else None

@@ -10,8 +10,24 @@ DONE = b"data: [DONE]\n\n"
 # timing out while vLLM is silent.
 HEARTBEAT = b": keep-alive\n\n"
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+class LineMatch:
+    """A pattern that starts at a line's start (`(?:^|\\n)`), looked for only in bytes that hold one
+    of the words it needs. Python's regex engine tries such a pattern at every byte (about 10 ns
+    each: 4 µs of a busy worker's ~27 µs per chat event went to two of them), where `in` skips
+    through bytes at memory speed; the pattern alone decides."""
+
+    def __init__(self, pattern: bytes, *words: bytes):
+        self._regex = re.compile(pattern)
+        self._words = words
+
+    def found_in(self, data: bytes) -> bool:
+        return any(word in data for word in self._words) and self._regex.search(data) is not None
+
+
 # [DONE] as an event of its own: JSON holds no raw line break, so text that says it never matches.
-_DONE_EVENT = re.compile(rb"(?:^|\n)data: ?\[DONE\]\r?(?:\n|$)")
+_DONE_EVENT = LineMatch(rb"(?:^|\n)data: ?\[DONE\]\r?(?:\n|$)", b"[DONE]")
 
 
 class EventSplitter:
@@ -67,7 +83,7 @@ def split_whole(events: bytes) -> list[bytes]:
 
 
 def has_done(events: bytes) -> bool:
-    return _DONE_EVENT.search(events) is not None
+    return _DONE_EVENT.found_in(events)
 
 
 def event_data(event: bytes) -> bytes | None:

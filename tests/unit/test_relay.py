@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings, strategies as st
+
+from dce_proxy import relay, response_events, sse
 
 from dce_proxy.record import RequestRecord
 from dce_proxy.relay import Passthrough, Rewriter
@@ -87,3 +90,16 @@ def test_rewriter_takes_vllms_usage_out_of_every_event_for_a_client_that_did_not
     assert b"usage" not in out and out.count(b"data: ") == 3
     # The client left here: vLLM's prompt count, and the two tokens it was sent.
     assert (record.prompt_tokens, record.completion_tokens, record.tokens_exact) == (7, 2, False)
+
+
+_PIECES = [b"data: ", b"data:", b"data: {", b"[DONE]", b"\n", b"\r", b"\n\n", b'"error"', b":", b" ", b"{", b"event: ",
+           b"event:", b"error", b"response.", b"response.completed", b"response.incomplete", b"response.failed", b"x"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12))
+def test_a_line_match_finds_exactly_what_its_pattern_finds(pieces):
+    # Each LineMatch skips bytes without one of its words: none of its patterns can match without one.
+    data = b"".join(pieces)
+    for match in (sse._DONE_EVENT, relay._VLLM_ERROR_EVENT, response_events._LAST_EVENT, response_events._FAILURE_EVENT):
+        assert match.found_in(data) == (match._regex.search(data) is not None), (match._regex.pattern, data)
