@@ -9,7 +9,6 @@ errors with their status); later, the client already has its 200 and errors beco
 
 from __future__ import annotations
 
-import queue
 import socket
 import time
 from typing import Callable, Iterator, Mapping, Protocol
@@ -21,13 +20,16 @@ from .config import settings
 from .errors import ApiError, limits_store_unavailable, too_many, upstream_error, upstream_error_answer
 from .limits import Slot
 from .metrics import STREAMS_IN_FLIGHT, key_label
-from .pump import ENDED, OPENED, Failed, Pump, Refused
+from .opener import Failed, Opened, Refused, StreamOpener
 from .record import Outcome, RequestRecord, current_record
 from .sockets import readable_now
 from .sse import HEARTBEAT
-from .upstream import Upstream
+from .stream_body import StreamBody
+from .upstream import Upstream, UpstreamStreamError
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# How long the end of vLLM's body may take after its last event (it follows at once).
+_BODY_END_SECONDS = 1.0
 # How often a request in line looks for its slot and for its client having gone.
 _POLL_SECONDS = 0.2
 
@@ -85,40 +87,37 @@ class _Stream:
         self._interval = config.heartbeat_seconds
         self._queue_timeout = config.queue_timeout
         self._cap = config.max_concurrent
-        self._pump: Pump | None = None
+        self._opener: StreamOpener | None = None
         self._next_beat = time.monotonic() + self._interval
-        self._first = None  # the first item, when early_answer took it
+        self._opened: Opened | None = None  # vLLM's stream, when early_answer saw it open
 
     def start(self) -> None:
-        self._pump = Pump(self._upstream, self._path, self._body, self._headers)
+        self._opener = StreamOpener(self._upstream, self._path, self._body, self._headers)
         self._in_flight.inc()
 
     def close(self) -> None:
         """The response closed: a stream that had not ended was left by its client."""
         self._record.end_stream(Outcome.CLIENT_GONE)
-        self._stop_pump()
+        self._stop_upstream()
 
-    def _stop_pump(self) -> None:
-        if self._pump is not None:
-            self._pump.close()
+    def _stop_upstream(self) -> None:
+        if self._opener is not None:
+            self._opener.close()
             self._in_flight.dec()
-            self._pump = None
+            self._opener = None
 
     def early_answer(self) -> Response | None:
         """vLLM's answer when it came within one heartbeat interval and is not a stream (its error
         passed through, or ours raised); None when the stream goes on (or must start waiting)."""
-        try:
-            self._first = self._pump.get(timeout=self._interval)
-        except queue.Empty:
-            return None  # vLLM is slow: the body starts with a heartbeat and waits on
-        if isinstance(self._first, Refused):
-            self._stop_pump()
-            self._forget_models_on_404(self._first.status)
-            return upstream_error_answer(self._first.status, self._first.body)
-        if isinstance(self._first, Failed):
-            self._stop_pump()
-            raise self._first.error
-        return None
+        outcome = self._opener.outcome(timeout=self._interval)
+        if outcome is None or isinstance(outcome, Opened):
+            self._opened = outcome
+            return None  # a stream, or vLLM is slow: the body waits on with heartbeats
+        self._stop_upstream()
+        if isinstance(outcome, Refused):
+            self._forget_models_on_404(outcome.status)
+            return upstream_error_answer(outcome.status, outcome.body)
+        raise outcome.error
 
     def body(self) -> Iterator[bytes]:
         for piece in self._pieces():
@@ -126,32 +125,34 @@ class _Stream:
             self._next_beat = time.monotonic() + self._interval  # resumed: the server sent the piece
 
     def _pieces(self) -> Iterator[bytes]:
-        if self._pump is None:
+        if self._opener is None:
             yield HEARTBEAT  # headers and a heartbeat at once: the client is in line, not lost
             if not (yield from self._wait_in_line()):
                 return
             self.start()
-        while True:
-            item = yield from self._next_item()
-            if item is OPENED:
-                continue
-            if isinstance(item, bytes):
-                out = self._relay.feed(item)
-                if self._relay.stopped or self._relay.complete:
-                    self._ended(self._relay_outcome())
-                    yield out
-                    return  # nothing may follow DONE, not even a heartbeat while vLLM closes
-                if out:
-                    yield out
-                continue
-            if item is ENDED:
-                last = self._relay.end()
-                self._ended(self._relay_outcome())
-                yield last
-            else:
-                error = self._error_of(item)
-                yield self._failed(error, Outcome.TIMEOUT if error.status == 504 else Outcome.UPSTREAM_ERROR)
+        outcome = self._opened or (yield from self._outcome())
+        if not isinstance(outcome, Opened):
+            yield self._failed_with(self._error_of(outcome))
             return
+        body = outcome.body
+        while not body.done:
+            try:
+                data = yield from self._next_data(body)
+            except UpstreamStreamError as exc:
+                yield self._failed_with(exc.error)
+                return
+            out = self._relay.feed(data) if data else b""
+            if self._relay.stopped or self._relay.complete:
+                self._ended(self._relay_outcome())
+                yield out
+                if self._relay.complete:
+                    body.read_end(_BODY_END_SECONDS)
+                return  # nothing may follow DONE, not even a heartbeat while vLLM closes
+            if out:
+                yield out
+        last = self._relay.end()
+        self._ended(self._relay_outcome())
+        yield last
 
     def _relay_outcome(self) -> Outcome:
         return Outcome.DONE if self._relay.complete and not self._relay.failed else Outcome.UPSTREAM_ERROR
@@ -166,18 +167,32 @@ class _Stream:
         self._ended(outcome)
         return self._relay.ending(error)
 
-    def _next_item(self):
-        if self._first is not None:
-            item, self._first = self._first, None
-            return item
+    def _failed_with(self, error: ApiError) -> bytes:
+        return self._failed(error, Outcome.TIMEOUT if error.status == 504 else Outcome.UPSTREAM_ERROR)
+
+    def _outcome(self):
+        """Waits for vLLM to answer, with heartbeats; returns how it did."""
         while True:
-            try:
-                return self._pump.get(timeout=max(self._next_beat - time.monotonic(), 0.0))
-            except queue.Empty:
-                if self._relay.at_boundary:
-                    yield HEARTBEAT
-                else:  # never inside an event, which it would corrupt: look again an interval later
-                    self._next_beat = time.monotonic() + self._interval
+            outcome = self._opener.outcome(timeout=max(self._next_beat - time.monotonic(), 0.0))
+            if outcome is not None:
+                return outcome
+            yield from self._beat()
+
+    def _next_data(self, body: StreamBody):
+        """Waits for vLLM's next bytes, with heartbeats; returns them."""
+        while True:
+            wait = self._next_beat - time.monotonic()
+            if wait > 0:
+                data = body.read(wait)
+                if data is not None:
+                    return data
+            yield from self._beat()
+
+    def _beat(self):
+        if self._relay.at_boundary:
+            yield HEARTBEAT  # (body() sets the next beat once the server sent it)
+        else:  # never inside an event, which it would corrupt: look again an interval later
+            self._next_beat = time.monotonic() + self._interval
 
     def _wait_in_line(self):
         """Waits for the slot, with heartbeats, until the queue timeout; False if it never came."""

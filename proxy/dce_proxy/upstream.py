@@ -12,13 +12,13 @@ from typing import Iterator, Mapping
 
 import urllib3
 from flask import Flask, current_app
-from http.client import RemoteDisconnected
 
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, ReadTimeoutError
 
 from .config import Settings
 from .errors import ApiError, upstream_garbage, upstream_timeout, upstream_unavailable
 from .model_status import not_ready_reason
+from .sent_request import STALE_CONNECTION, SentRequest
 from .sockets import readable_now
 
 log = logging.getLogger("dce_proxy")
@@ -27,9 +27,6 @@ log = logging.getLogger("dce_proxy")
 _MODELS_TTL_SECONDS = 30
 # A readiness probe, or a refresh that can fall back on the list already known, waits no longer.
 _MODELS_QUICK_TIMEOUT_SECONDS = 3
-# What a pooled keep-alive connection that vLLM had already closed looks like when reused (vLLM's
-# server drops connections idle for 5 s): the request got no answer at all.
-_STALE_CONNECTION = (RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 # TCP keep-alive probes on every connection to vLLM: a vLLM that vanished without closing its
 # connections (host gone, network cut) is noticed within about 20 s. Without them a stream would wait
 # out DCE_FIRST_BYTE_TIMEOUT while its heartbeats keep the client waiting. A vLLM that is only
@@ -89,6 +86,8 @@ class Upstream:
         url = urllib3.util.parse_url(settings.vllm_url)
         self._prefix = (url.path or "").rstrip("/")
         self._timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.first_byte_timeout)
+        # The longest vLLM may stay silent within a stream, too (stream_body.py).
+        self.silence_limit = settings.first_byte_timeout
         # vLLM sends a non-streamed answer only once it is complete: the wait is for all of it.
         self.whole_answer_timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.answer_timeout)
         # urllib3 itself, not requests: one pool to one host needs none of requests' per-call
@@ -201,6 +200,13 @@ class Upstream:
             raise upstream_unavailable(f"vLLM is not ready (HTTP {response.status}).")
         return response
 
+    def send_stream(self, path: str, body: bytes, headers: Mapping[str, str]) -> SentRequest:
+        """Sends a streamed POST (with `headers` besides the proxy's own), its answer read later
+        (sent_request.py). Raises ApiError when vLLM cannot be reached."""
+        return SentRequest(self._pool, self._prefix + path, body,
+                           {**headers, **self._headers, "Content-Type": "application/json"},
+                           self._timeout, self._not_there)
+
     def _not_there(self, otherwise: str) -> ApiError:
         """The 503 for a vLLM that did not answer: what the model download says, if it says anything."""
         return upstream_unavailable(not_ready_reason(self._model_status_file) or otherwise)
@@ -219,7 +225,7 @@ class Upstream:
                     timeout=timeout,
                 )
             except ProtocolError as exc:
-                if attempt == 2 or not any(isinstance(arg, _STALE_CONNECTION) for arg in exc.args):
+                if attempt == 2 or not any(isinstance(arg, STALE_CONNECTION) for arg in exc.args):
                     raise
         raise AssertionError("unreachable")  # the loop returns or raises
 
@@ -229,7 +235,7 @@ def read_all(response: urllib3.BaseHTTPResponse) -> bytes:
     try:
         return response.data
     except ReadTimeoutError:
-        raise upstream_timeout("vLLM stopped answering (timed out).") from None
+        raise upstream_timeout("vLLM stopped sending tokens (timed out).") from None
     except HTTPError:
         raise upstream_unavailable("vLLM closed the connection before answering.") from None
     finally:
@@ -237,14 +243,10 @@ def read_all(response: urllib3.BaseHTTPResponse) -> bytes:
 
 
 def iter_body(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-    """Yields the upstream body chunk by chunk as it arrives; a broken stream raises UpstreamStreamError."""
+    """Yields a whole answer's body (not an event stream: stream_body.py reads those) as it
+    arrives; a cut raises UpstreamStreamError."""
     try:
-        chunks = response.read_chunked() if response.chunked else iter(lambda: response.read1(65536), b"")
-        # Whole HTTP chunks: vLLM sends one SSE event per chunk, so events go out unsplit.
-        # (A gevent worker switches to its other connections only when a read or a write would
-        # wait: once vLLM produces faster than this worker relays, reads never wait, and the pump's
-        # bounded read-ahead is what gives the other streams their turn.)
-        yield from chunks
+        yield from response.read_chunked() if response.chunked else iter(lambda: response.read1(65536), b"")
     except ReadTimeoutError:
         raise UpstreamStreamError(upstream_timeout("vLLM stopped sending tokens (timed out).")) from None
     except HTTPError:

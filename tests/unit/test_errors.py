@@ -229,17 +229,22 @@ def test_vllm_errors_pass_through_with_status_and_body(client, fake_vllm, route,
     assert r.get_json() == payload
 
 
-def test_a_request_vllm_dropped_without_answer_is_sent_once_more(client, fake_vllm):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_vllm_dropped_without_answer_is_sent_once_more(client, fake_vllm, stream):
     # A pooled connection vLLM had already closed (it drops idle ones after 5 s) gets no answer.
     fake_vllm.hang_up_requests = 1
-    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers=AUTH)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": stream},
+                    headers=AUTH)
     assert r.status_code == 200, r.get_data()
+    assert (b"data: [DONE]" in r.get_data()) == stream
     assert len(fake_vllm.generation_requests) == 2
 
 
-def test_vllm_dropping_the_resent_request_too_is_a_503(client, fake_vllm):
+@pytest.mark.parametrize("stream", [False, True])
+def test_vllm_dropping_the_resent_request_too_is_a_503(client, fake_vllm, stream):
     fake_vllm.hang_up_requests = 2
-    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers=AUTH)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": stream},
+                    headers=AUTH)
     assert_error(r, 503, "upstream_unavailable")
     assert len(fake_vllm.generation_requests) == 2
 

@@ -75,3 +75,26 @@ def test_the_pool_checks_its_connections_so_over_http_and_https(url):
     connection = upstream._pool._new_conn()  # (not connected yet: made, never opened)
     assert type(connection).is_connected is _Connection.is_connected
     assert not connection.is_connected
+
+
+def test_readable_within_waits_for_bytes_or_the_time_at_a_high_descriptor(high_socket_pair):
+    ours, peer = high_socket_pair
+    assert not sockets.readable_within(ours, 0.05)
+    peer.sendall(b"x")
+    assert sockets.readable_within(ours, 30)
+
+
+def test_readable_within_waits_in_gevents_loop_for_a_workers_socket():
+    # A worker's sockets are gevent's: other greenlets run while one waits (as its reads wait).
+    import gevent
+    import gevent.socket
+
+    ours, peer = gevent.socket.socketpair()
+    with ours, peer:
+        ran = []
+        other = gevent.spawn(ran.append, "other")
+        assert not sockets.readable_within(ours, 0.05)
+        assert ran == ["other"]
+        gevent.spawn_later(0.05, peer.sendall, b"x")
+        assert sockets.readable_within(ours, 30)
+        other.join()

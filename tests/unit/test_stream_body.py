@@ -1,0 +1,140 @@
+"""vLLM's stream body read by the response itself (stream_body.py): what http.client buffered comes
+first, a wait without bytes is a time for a heartbeat, silence past the limit and a cut connection
+are errors of their own, and the connection goes back to the pool only when its body was read
+whole."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from dce_proxy.stream_body import StreamBody
+from dce_proxy.upstream import UpstreamStreamError
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+EVENT = b"data: {}\n\n"
+CHUNK = b"%x\r\n%s\r\n" % (len(EVENT), EVENT)
+LAST = b"0\r\n\r\n"
+
+
+class _Answer:
+    """What StreamBody uses of urllib3's answer, on a real socket whose headers were read."""
+
+    def __init__(self, sock: socket.socket, *, chunked: bool = True, length: int | None = None):
+        self.connection = SimpleNamespace(sock=sock)
+        self.chunked, self.length_remaining = chunked, length
+        self._fp = SimpleNamespace(fp=sock.makefile("rb"))
+        while self._fp.fp.readline() not in (b"\r\n", b""):
+            pass  # the headers, as http.client reads them (and whatever its buffer takes past them)
+        self._original_response = SimpleNamespace(close=lambda: None)
+        self.released = self.closed = False
+
+    def release_conn(self):
+        self.released = True
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def pair():
+    ours, vllm = socket.socketpair()
+    with ours, vllm:
+        yield ours, vllm
+
+
+def _body(pair, sent: bytes, silence: float = 30.0, **answer) -> StreamBody:
+    ours, vllm = pair
+    vllm.sendall(sent)
+    return StreamBody(_Answer(ours, **answer), silence)
+
+
+def test_events_read_with_the_headers_come_first_then_the_socket_and_the_connection_is_pooled(pair):
+    body = _body(pair, HEAD + CHUNK * 3)
+    assert body.read(30) == EVENT * 3  # all in http.client's buffer already
+    pair[1].sendall(CHUNK + LAST)
+    assert body.read(30) == EVENT
+    assert body.done and body._answer.released and not body._answer.closed
+
+
+def test_a_wait_without_bytes_is_none_and_the_stream_goes_on(pair):
+    body = _body(pair, HEAD)
+    assert body.read(0.05) is None
+    pair[1].sendall(CHUNK)
+    assert body.read(30) == EVENT and not body.done
+
+
+def test_silence_past_the_limit_is_a_timeout(pair):
+    body = _body(pair, HEAD, silence=0.1)
+    with pytest.raises(UpstreamStreamError) as raised:
+        while True:
+            body.read(0.05)
+    assert raised.value.error.status == 504 and "stopped sending tokens" in raised.value.error.message
+
+
+def test_a_connection_cut_mid_stream_is_an_error_not_an_end(pair):
+    body = _body(pair, HEAD + CHUNK)
+    assert body.read(30) == EVENT
+    pair[1].shutdown(socket.SHUT_WR)
+    with pytest.raises(UpstreamStreamError) as raised:
+        body.read(30)
+    assert raised.value.error.status == 503 and "closed the stream" in raised.value.error.message
+
+
+def test_a_host_that_stopped_answering_keep_alive_is_a_cut_not_a_silence(pair):
+    # The kernel's ETIMEDOUT is a TimeoutError too, but not the wait's own timeout.
+    body = _body(pair, HEAD)
+
+    class _Vanished:
+        def settimeout(self, seconds):
+            pass
+
+        def recv(self, size):
+            raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")
+
+    body._sock = _Vanished()
+    with pytest.raises(UpstreamStreamError) as raised:
+        body.read(30)
+    assert raised.value.error.status == 503
+
+
+def test_bytes_after_the_body_keep_the_connection_out_of_the_pool(pair):
+    body = _body(pair, HEAD + CHUNK + LAST + b"HTTP/1.1 200 OK\r\n")
+    assert body.read(30) == EVENT
+    assert body.done and body._answer.closed and not body._answer.released
+
+
+def test_a_body_without_chunks_ends_at_its_length_or_at_the_close(pair):
+    body = _body(pair, HEAD + EVENT, length=len(EVENT), chunked=False)
+    assert body.read(30) == EVENT and body.done and body._answer.released
+    ours, vllm = socket.socketpair()
+    with ours, vllm:
+        body = _body((ours, vllm), HEAD + EVENT, chunked=False)
+        assert body.read(30) == EVENT and not body.done
+        vllm.shutdown(socket.SHUT_WR)
+        assert body.read(30) == b"" and body.done and body._answer.closed
+
+
+def test_broken_chunked_coding_is_vllms_garbage(pair):
+    body = _body(pair, HEAD + b"zz\r\n")
+    with pytest.raises(UpstreamStreamError) as raised:
+        body.read(30)
+    assert raised.value.error.status == 502
+
+
+def test_the_end_after_the_last_event_is_read_so_the_connection_is_pooled(pair):
+    body = _body(pair, HEAD + CHUNK)
+    assert body.read(30) == EVENT
+    pair[1].sendall(LAST)
+    body.read_end(30)
+    assert body.done and body._answer.released and not body._answer.closed
+
+
+def test_an_end_that_does_not_come_closes_the_connection(pair):
+    body = _body(pair, HEAD + CHUNK)
+    assert body.read(30) == EVENT
+    body.read_end(0.05)
+    assert body._answer.closed and not body._answer.released
