@@ -5,16 +5,19 @@ response then reads: stream_body.py), Refused (vLLM's own error answer) or Faile
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Mapping, Union
 
 import urllib3
 
-from .errors import ApiError, upstream_garbage
+from .errors import ApiError, upstream_garbage, upstream_unavailable
 from .sent_request import SentRequest
 from .stream_body import StreamBody
 from .upstream import Upstream, read_all
+
+log = logging.getLogger("dce_proxy")
 
 
 @dataclass(frozen=True)
@@ -34,20 +37,20 @@ class Refused:
     body: bytes
 
 
-Outcome = Union[Opened, Refused, Failed]
+Answered = Union[Opened, Refused, Failed]
 
 
 class StreamOpener:
     def __init__(self, upstream: Upstream, path: str, body: bytes, headers: Mapping[str, str]):
         self._silence_limit = upstream.silence_limit
         self._sent: SentRequest | None = None
-        self._outcome: Outcome | None = None
+        self._outcome: Answered | None = None
         try:
-            self._sent = upstream.send_stream(path, body, headers)
+            self._sent = upstream.send("POST", path, body=body, headers=headers)
         except ApiError as error:
             self._outcome = Failed(error)
 
-    def outcome(self, timeout: float) -> Outcome | None:
+    def outcome(self, timeout: float) -> Answered | None:
         """How vLLM answered; None if it has not within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while self._outcome is None:
@@ -55,11 +58,14 @@ class StreamOpener:
                 if not self._sent.answered_within(deadline - time.monotonic()):
                     return None
                 answer = self._sent.answer()
-            except ApiError as error:
-                self._outcome = Failed(error)
-            else:
                 if answer is not None:  # (None: sent again, on a new connection)
                     self._outcome = self._opened(answer)
+            except ApiError as error:
+                self._outcome = Failed(error)
+            except Exception:  # a stream that breaks here must still end with an error its client sees
+                log.exception("opening vLLM's stream failed")
+                self._sent.close()
+                self._outcome = Failed(upstream_unavailable("Opening vLLM's stream failed."))
         return self._outcome
 
     def close(self) -> None:
@@ -69,7 +75,7 @@ class StreamOpener:
         elif self._outcome is None:
             self._sent.close()
 
-    def _opened(self, answer: urllib3.BaseHTTPResponse) -> Outcome:
+    def _opened(self, answer: urllib3.BaseHTTPResponse) -> Answered:
         if answer.status >= 400:
             try:
                 return Refused(answer.status, read_all(answer))
@@ -79,7 +85,7 @@ class StreamOpener:
         if problem is not None:
             answer.close()
             return Failed(upstream_garbage(problem))
-        return Opened(StreamBody(answer, self._silence_limit))
+        return Opened(StreamBody(answer, self._sent.socket, self._silence_limit))
 
 
 def _not_an_event_stream(answer: urllib3.BaseHTTPResponse) -> str | None:

@@ -215,8 +215,8 @@ def _forward(path: str, body: dict, make_relay: Callable[[RequestRecord], Relay]
         return stream_response(vllm, path, json.dumps(body).encode(), headers, relay, slot)
     if not slot.held:
         raise slot.refusal  # only a stream can wait in line: heartbeats keep its client
-    answer = vllm.request("POST", path, body=json.dumps(body).encode(), stream=True,
-                              timeout=vllm.whole_answer_timeout, headers=headers)
+    answer = vllm.request("POST", path, body=json.dumps(body).encode(), timeout=vllm.whole_answer_timeout,
+                          headers=headers)
     if answer.status >= 400:
         if answer.status == 404:
             vllm.forget_models()  # the served model may have changed under us

@@ -4,7 +4,8 @@ For right now, the system's poll(), not gevent's: gevent replaces select.poll wi
 that sets up a watcher per call (urllib3 asks before each reuse of a pooled connection to vLLM),
 and gevent's select() passes to the system's, which refuses a descriptor above 1,023, as a worker
 holding 500 streams has (ValueError). A poll with a zero timeout never blocks, so the system's is
-safe in a greenlet.
+safe in a greenlet. Within a time, a worker's socket (gevent's) is waited for in gevent's loop; the
+system's poll, which blocks its thread, only ever waits for a thread's own socket.
 """
 
 from __future__ import annotations

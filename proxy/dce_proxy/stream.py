@@ -9,6 +9,7 @@ errors with their status); later, the client already has its 200 and errors beco
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from typing import Callable, Iterator, Mapping, Protocol
@@ -17,7 +18,8 @@ import redis
 from flask import Response, request
 
 from .config import settings
-from .errors import ApiError, limits_store_unavailable, too_many, upstream_error, upstream_error_answer
+from .errors import (ApiError, limits_store_unavailable, too_many, upstream_error, upstream_error_answer,
+                     upstream_unavailable)
 from .limits import Slot
 from .metrics import STREAMS_IN_FLIGHT, key_label
 from .opener import Failed, Opened, Refused, StreamOpener
@@ -26,6 +28,8 @@ from .sockets import readable_now
 from .sse import HEARTBEAT
 from .stream_body import StreamBody
 from .upstream import Upstream, UpstreamStreamError
+
+log = logging.getLogger("dce_proxy")
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # How long the end of vLLM's body may take after its last event (it follows at once).
@@ -130,7 +134,7 @@ class _Stream:
             if not (yield from self._wait_in_line()):
                 return
             self.start()
-        outcome = self._opened or (yield from self._outcome())
+        outcome = self._opened if self._opened is not None else (yield from self._outcome())
         if not isinstance(outcome, Opened):
             yield self._failed_with(self._error_of(outcome))
             return
@@ -140,6 +144,10 @@ class _Stream:
                 data = yield from self._next_data(body)
             except UpstreamStreamError as exc:
                 yield self._failed_with(exc.error)
+                return
+            except Exception:  # a stream that breaks here must still end with an error its client sees
+                log.exception("reading vLLM's stream failed")
+                yield self._failed_with(upstream_unavailable("Reading vLLM's stream failed."))
                 return
             out = self._relay.feed(data) if data else b""
             if self._relay.stopped or self._relay.complete:

@@ -3,14 +3,14 @@
 Each read takes everything that has arrived, its HTTP chunks joined (chunked.py), and waits for
 bytes no longer than the caller's next heartbeat is due. With the reads in the response's own
 greenlet, a stream costs one wake-up per turn of the worker's loop, driven by its socket; a reader
-of its own handed every read over through a queue, which cost a second switch and a callback that
-gevent runs only for 5 ms per turn, so that with a thousand streams the writes to the clients fell
-ever further behind the reads.
+thread of its own handed every read over (a deque and a Condition), which cost a second switch and
+a callback that gevent runs only for 5 ms per turn, so that with a thousand streams the writes to
+the clients fell ever further behind the reads.
 """
 
 from __future__ import annotations
 
-import logging
+import socket
 import ssl
 import time
 
@@ -19,8 +19,6 @@ import urllib3
 from .chunked import ChunkedCodingError, ChunkedDecoder
 from .errors import upstream_garbage, upstream_timeout, upstream_unavailable
 from .upstream import UpstreamStreamError
-
-log = logging.getLogger("dce_proxy")
 
 _READ_BYTES = 16384
 # Reads in a row that find bytes at once let the worker's other greenlets run this often: a stream
@@ -55,16 +53,18 @@ class _Unchunked:
 class StreamBody:
     """vLLM's answer (a 200 event stream, its headers read) from its first body byte on."""
 
-    def __init__(self, answer: urllib3.BaseHTTPResponse, silence_limit: float):
+    def __init__(self, answer: urllib3.BaseHTTPResponse, sock: socket.socket, silence_limit: float):
         self._answer = answer
-        self._sock = answer.connection.sock
+        self._sock = sock  # (the connection's: http.client lets go of it when vLLM will close it)
         self._silence_limit = silence_limit
-        self._silent_until = time.monotonic() + silence_limit
+        self._silent_for = 0.0  # seconds waited for vLLM's bytes since the last came
         self._decoder = ChunkedDecoder() if answer.chunked else _Unchunked(answer.length_remaining)
         self._reads_in_a_row = 0
         self._closed = False
-        self.done = self._decoder.done  # the whole body was read (the connection went back to the pool)
+        self.done = False  # the whole body was read
         self._early = self._buffered()
+        if self._decoder.done:  # an empty body
+            self._finish(reuse=True)
 
     def read(self, wait: float) -> bytes | None:
         """The body bytes that arrived within `wait` seconds (b"" when they were only framing), or
@@ -72,20 +72,21 @@ class StreamBody:
         if self._early:
             data, self._early = self._early, b""
             return self._body_of(data)
-        limit = min(wait, self._silent_until - time.monotonic())
-        if limit <= 0:
-            raise UpstreamStreamError(upstream_timeout(_SILENT))
-        self._sock.settimeout(limit)
+        # Silence counts only while waiting here: time spent writing to a slow client is not vLLM's.
+        limit = min(wait, self._silence_limit - self._silent_for)
+        self._sock.settimeout(max(limit, 0.0))
+        waited_from = time.monotonic()
         try:
             data = self._sock.recv(_READ_BYTES)
         except TimeoutError as error:
             if error.errno:  # the kernel's ETIMEDOUT: vLLM's host stopped answering TCP keep-alive
                 raise UpstreamStreamError(upstream_unavailable(_CUT)) from None
-            if time.monotonic() >= self._silent_until:
+            self._silent_for += time.monotonic() - waited_from
+            if self._silent_for >= self._silence_limit:
                 raise UpstreamStreamError(upstream_timeout(_SILENT)) from None
             self._reads_in_a_row = 0
             return None
-        except OSError:
+        except (OSError, ValueError):  # (ValueError: a TLS socket closed under the read)
             raise UpstreamStreamError(upstream_unavailable(_CUT)) from None
         if not data:
             if isinstance(self._decoder, _Unchunked) and self._decoder.ends_at_close:
@@ -117,7 +118,7 @@ class StreamBody:
             self._answer.close()
 
     def _body_of(self, data: bytes) -> bytes:
-        self._silent_until = time.monotonic() + self._silence_limit
+        self._silent_for = 0.0
         try:
             body = self._decoder.feed(data)
         except ChunkedCodingError as error:
@@ -132,13 +133,15 @@ class StreamBody:
         self._sock.settimeout(0)
         try:
             return self._answer._fp.fp.read1(65536)  # all it holds (< 65536), or at most one read
-        except ssl.SSLWantReadError:
-            return b""  # (TLS's "nothing yet"; a plain socket's is an empty read)
+        except (ssl.SSLWantReadError, OSError):
+            return b""  # (TLS's "nothing yet"; a plain socket's is an empty read; a broken one's
+            # error comes again at the next read)
 
     def _finish(self, *, reuse: bool) -> None:
         self.done = True
-        self._answer._original_response.close()  # as urllib3 ends a body it read: http.client is done
-        if reuse:
+        original = self._answer._original_response
+        original.close()  # as urllib3 ends a body it read: http.client is done with it
+        if reuse and not original.will_close:  # (vLLM said it closes this connection)
             self._answer.release_conn()
         else:
             self.close()

@@ -13,12 +13,12 @@ from typing import Iterator, Mapping
 import urllib3
 from flask import Flask, current_app
 
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import HTTPError, ReadTimeoutError
 
 from .config import Settings
 from .errors import ApiError, upstream_garbage, upstream_timeout, upstream_unavailable
 from .model_status import not_ready_reason
-from .sent_request import STALE_CONNECTION, SentRequest
+from .sent_request import SentRequest
 from .sockets import readable_now
 
 log = logging.getLogger("dce_proxy")
@@ -178,56 +178,29 @@ class Upstream:
 
     # -- requests --------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, *, body: bytes | None = None, stream: bool = False,
-                timeout: urllib3.Timeout | None = None,
+    def request(self, method: str, path: str, *, body: bytes | None = None, timeout: urllib3.Timeout | None = None,
                 headers: Mapping[str, str] | None = None) -> urllib3.BaseHTTPResponse:
-        """Sends one request (with `headers` besides the proxy's own); connection failures and
-        5xx-while-loading become ApiErrors.
+        """Sends one request and reads its answer's headers; the caller reads its body (read_all,
+        iter_body). Connection failures and 5xx-while-loading become ApiErrors; vLLM's own 4xx
+        answers are returned as they are, for the caller to pass through."""
+        sent = self.send(method, path, body=body, timeout=timeout, headers=headers)
+        answer = sent.answer()
+        while answer is None:  # sent once more, on a new connection
+            answer = sent.answer()
+        return answer
 
-        vLLM's own 4xx answers are returned as they are, for the caller to pass through.
-        """
-        try:
-            response = self._urlopen(method, path, body, stream, timeout or self._timeout, headers or {})
-        except ReadTimeoutError:
-            raise upstream_timeout("vLLM did not start answering in time.") from None
-        except ConnectTimeoutError:  # also a refused connection, and a name that does not resolve yet
-            raise self._not_there("vLLM did not accept the connection: it is starting (loading the model), "
-                                  "restarting, or down.") from None
-        except HTTPError:
-            raise self._not_there("vLLM is not reachable (starting, restarting or down).") from None
-        if response.status in (502, 503, 504):
-            response.close()
-            raise upstream_unavailable(f"vLLM is not ready (HTTP {response.status}).")
-        return response
-
-    def send_stream(self, path: str, body: bytes, headers: Mapping[str, str]) -> SentRequest:
-        """Sends a streamed POST (with `headers` besides the proxy's own), its answer read later
+    def send(self, method: str, path: str, *, body: bytes | None = None, timeout: urllib3.Timeout | None = None,
+             headers: Mapping[str, str] | None = None) -> SentRequest:
+        """Sends one request (with `headers` besides the proxy's own), its answer read later
         (sent_request.py). Raises ApiError when vLLM cannot be reached."""
-        return SentRequest(self._pool, self._prefix + path, body,
-                           {**headers, **self._headers, "Content-Type": "application/json"},
-                           self._timeout, self._not_there)
+        return SentRequest(self._pool, method, self._prefix + path, body,
+                           {**(headers or {}), **self._headers,
+                            **({"Content-Type": "application/json"} if body is not None else {})},
+                           timeout or self._timeout, self._not_there)
 
     def _not_there(self, otherwise: str) -> ApiError:
         """The 503 for a vLLM that did not answer: what the model download says, if it says anything."""
         return upstream_unavailable(not_ready_reason(self._model_status_file) or otherwise)
-
-    def _urlopen(self, method: str, path: str, body: bytes | None, stream: bool,
-                 timeout: urllib3.Timeout, headers: Mapping[str, str]) -> urllib3.BaseHTTPResponse:
-        """One request; sent once more, on a new connection, if vLLM closed the connection without
-        any answer: it never handled the request, so even a POST is safe to resend. Once only:
-        a second silent close is vLLM failing, not a stale connection."""
-        for attempt in (1, 2):
-            try:
-                return self._pool.urlopen(
-                    method, self._prefix + path, body=body, preload_content=not stream, redirect=False,
-                    headers={**headers, **self._headers,
-                             **({"Content-Type": "application/json"} if body is not None else {})},
-                    timeout=timeout,
-                )
-            except ProtocolError as exc:
-                if attempt == 2 or not any(isinstance(arg, STALE_CONNECTION) for arg in exc.args):
-                    raise
-        raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def read_all(response: urllib3.BaseHTTPResponse) -> bytes:

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import errno
 import socket
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
 
+from dce_proxy.config import load_settings
+from dce_proxy.opener import Opened, StreamOpener
 from dce_proxy.stream_body import StreamBody
-from dce_proxy.upstream import UpstreamStreamError
+from dce_proxy.upstream import Upstream, UpstreamStreamError
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 EVENT = b"data: {}\n\n"
@@ -29,7 +33,7 @@ class _Answer:
         self._fp = SimpleNamespace(fp=sock.makefile("rb"))
         while self._fp.fp.readline() not in (b"\r\n", b""):
             pass  # the headers, as http.client reads them (and whatever its buffer takes past them)
-        self._original_response = SimpleNamespace(close=lambda: None)
+        self._original_response = SimpleNamespace(close=lambda: None, will_close=False)
         self.released = self.closed = False
 
     def release_conn(self):
@@ -49,7 +53,7 @@ def pair():
 def _body(pair, sent: bytes, silence: float = 30.0, **answer) -> StreamBody:
     ours, vllm = pair
     vllm.sendall(sent)
-    return StreamBody(_Answer(ours, **answer), silence)
+    return StreamBody(_Answer(ours, **answer), ours, silence)
 
 
 def test_events_read_with_the_headers_come_first_then_the_socket_and_the_connection_is_pooled(pair):
@@ -138,3 +142,44 @@ def test_an_end_that_does_not_come_closes_the_connection(pair):
     assert body.read(30) == EVENT
     body.read_end(0.05)
     assert body._answer.closed and not body._answer.released
+
+
+@pytest.mark.parametrize("framing", ["chunked", "until close"])
+def test_a_stream_vllm_says_it_closes_is_read_to_its_end_and_never_pooled(framing):
+    # http.client lets go of the connection's socket for such an answer (uvicorn sends
+    # "Connection: close" on answers it starts while shutting down).
+    listener = socket.create_server(("127.0.0.1", 0))
+    events = EVENT * 3
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
+            if framing == "chunked":
+                conn.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + CHUNK * 3 + LAST)
+            else:
+                conn.sendall(head + b"\r\n" + events)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    with listener:
+        upstream = Upstream(load_settings({"DCE_API_KEYS": "alice:" + "a" * 32,
+                                           "VLLM_URL": f"http://127.0.0.1:{listener.getsockname()[1]}"}))
+        opener = StreamOpener(upstream, "/v1/chat/completions", b"{}", {})
+        opened = opener.outcome(30)
+        assert isinstance(opened, Opened), opened
+        received = b""
+        while not opened.body.done:
+            received += opened.body.read(30) or b""
+        assert received == events
+        assert not upstream._pool.pool.queue or all(c is None for c in upstream._pool.pool.queue)
+        server.join()
+
+
+def test_time_spent_away_from_the_socket_is_not_vllms_silence(pair):
+    body = _body(pair, HEAD + CHUNK, silence=0.2)
+    assert body.read(30) == EVENT
+    time.sleep(0.3)  # the response writing to a slow client meanwhile, longer than the limit
+    pair[1].sendall(CHUNK)
+    assert body.read(30) == EVENT
