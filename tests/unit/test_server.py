@@ -218,6 +218,21 @@ def test_gunicorns_own_error_log_never_shows_a_path_key(tmp_path):
         assert ALICE_KEY not in record.getMessage() and "/k/REDACTED" in record.getMessage(), record.getMessage()
 
 
+def test_a_worker_gives_callbacks_50_ms_a_turn_of_its_loop():
+    # gevent bounds the callbacks it runs per turn (a new connection's handler starting) by the
+    # interpreter's switch interval, 5 ms unless told: with a thousand streams, new ones waited turns.
+    import runpy
+    import sys
+
+    from conftest import PROXY_DIR
+    before = sys.getswitchinterval()
+    try:
+        runpy.run_path(str(PROXY_DIR / "gunicorn.conf.py"))["post_fork"](None, None)
+        assert sys.getswitchinterval() == pytest.approx(0.05)
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_a_whole_answer_cut_by_vllm_reaches_the_client_as_cut_at_once(default_proxy_server, fake_vllm):
     # Passed through as it comes (issue 12), with vLLM's Content-Length: once vLLM hangs up halfway,
     # the client's connection must close too, not wait for the promised bytes until a keep-alive
