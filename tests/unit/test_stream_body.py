@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from types import SimpleNamespace
@@ -183,3 +185,61 @@ def test_time_spent_away_from_the_socket_is_not_vllms_silence(pair):
     time.sleep(0.3)  # the response writing to a slow client meanwhile, longer than the limit
     pair[1].sendall(CHUNK)
     assert body.read(30) == EVENT
+
+
+def _request_read(conn) -> bool:
+    """Reads one request (its headers, then its Content-Length of body); False once the peer closed."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            return False
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return True
+
+
+@pytest.fixture
+def tls_vllm(tmp_path, monkeypatch):
+    """A vLLM stand-in over TLS (1.3, as uvicorn's): each request on a connection gets its headers at
+    once, then, once the test releases `go`, five events and the end. The proxy's side trusts it."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    go = threading.Semaphore(0)
+
+    def serve():
+        with context.wrap_socket(listener.accept()[0], server_side=True) as conn:
+            while _request_read(conn):
+                conn.sendall(HEAD)
+                go.acquire()
+                for _ in range(5):
+                    conn.sendall(CHUNK)
+                conn.sendall(LAST)
+
+    threading.Thread(target=serve, daemon=True).start()
+    with listener:
+        yield f"https://localhost:{listener.getsockname()[1]}", go
+
+
+def test_streams_over_tls_wait_come_whole_and_reuse_their_connection(tls_vllm):
+    url, go = tls_vllm
+    upstream = Upstream(load_settings({"DCE_API_KEYS": "alice:" + "a" * 32, "VLLM_URL": url}))
+    for _ in range(2):
+        opened = StreamOpener(upstream, "/v1/chat/completions", b"{}", {}).outcome(30)
+        assert isinstance(opened, Opened), opened
+        assert opened.body.read(0.05) is None  # vLLM silent: a time for a heartbeat
+        go.release()
+        received = b""
+        while not opened.body.done:
+            received += opened.body.read(30) or b""
+        assert received == EVENT * 5
+    assert sum(connection is not None for connection in upstream._pool.pool.queue) == 1  # one, reused
