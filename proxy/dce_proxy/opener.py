@@ -59,7 +59,7 @@ class StreamOpener:
                     return None
                 answer = self._sent.answer()
                 if answer is not None:  # (None: sent again, on a new connection)
-                    self._outcome = self._opened(answer)
+                    self._outcome = self._opened_or_closed(answer)
             except ApiError as error:
                 self._outcome = Failed(error)
             except Exception:  # a stream that breaks here must still end with an error its client sees
@@ -74,6 +74,13 @@ class StreamOpener:
             self._outcome.body.close()
         elif self._outcome is None:
             self._sent.close()
+
+    def _opened_or_closed(self, answer: urllib3.BaseHTTPResponse) -> Answered:
+        try:
+            return self._opened(answer)
+        except BaseException:
+            answer.close()
+            raise
 
     def _opened(self, answer: urllib3.BaseHTTPResponse) -> Answered:
         if answer.status >= 400:

@@ -81,7 +81,7 @@ class SentRequest:
             if error.errno:  # the kernel's ETIMEDOUT: vLLM's host stopped answering TCP keep-alive
                 raise self._not_there(_NOT_REACHABLE) from None
             raise upstream_timeout(_NO_ANSWER) from None
-        except (OSError, HTTPException):
+        except (OSError, HTTPException, HTTPError):  # (HTTPError: urllib3's, e.g. headers it refuses)
             self.close()
             raise self._not_there(_NOT_REACHABLE) from None
         self._connection = None  # the answer's now: its release_conn() or close() ends it

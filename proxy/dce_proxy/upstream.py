@@ -152,6 +152,9 @@ class Upstream:
                 reading.models = self._models = self._fetch_models(quick=quick)
             except ApiError as error:
                 reading.error = error
+            except Exception:  # a fault of ours: those waiting get a 503, this caller the trace
+                reading.error = upstream_unavailable("Reading vLLM's model list failed.")
+                raise
             finally:
                 self._models_read_at = time.monotonic()
                 self._reading = None
@@ -165,9 +168,9 @@ class Upstream:
     def _fetch_models(self, *, quick: bool) -> ModelInfo:
         timeout = urllib3.Timeout(connect=self._timeout.connect_timeout, read=_MODELS_QUICK_TIMEOUT_SECONDS) \
             if quick else None
-        response = self.request("GET", "/v1/models", timeout=timeout)
+        body = read_all(self.request("GET", "/v1/models", timeout=timeout))
         try:
-            cards = json.loads(response.data)["data"]
+            cards = json.loads(body)["data"]
             served = tuple(str(card["id"]) for card in cards)
             lengths = {str(card["id"]): int(card["max_model_len"]) for card in cards if card.get("max_model_len")}
         except (ValueError, KeyError, TypeError):

@@ -6,8 +6,11 @@ import socket
 
 import pytest
 
-from dce_proxy.upstream import UpstreamStreamError
-from unit_helpers import ALICE_KEY, DCE_EXTENSION_BODY, access_lines, assert_error, bearer, closed_port_url
+from dce_proxy.config import load_settings
+from dce_proxy.errors import ApiError
+from dce_proxy.upstream import Upstream, UpstreamStreamError
+from unit_helpers import (ALICE_KEY, DCE_EXTENSION_BODY, access_lines, assert_error, bearer, closed_port_url,
+                          vllm_answering_once)
 from wire import read_extension_body, sse_events
 
 AUTH = bearer(ALICE_KEY)
@@ -263,3 +266,19 @@ def test_connections_to_vllm_are_probed_so_a_vanished_vllm_is_noticed(make_app, 
     probes = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) * sock.getsockopt(socket.IPPROTO_TCP,
                                                                                           socket.TCP_KEEPCNT)
     assert idle + probes <= 30, (idle, probes)
+
+
+def test_a_model_list_cut_by_vllm_is_a_503_and_a_starting_worker_lives_on(caplog):
+    # A worker reads the list as it starts (gunicorn.conf.py's post_worker_init): anything but an
+    # ApiError there would stop the whole server.
+    cut = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"data\":"
+    for ask in ("learn_models", "models"):
+        with vllm_answering_once(cut) as url:
+            upstream = Upstream(load_settings({"DCE_API_KEYS": "alice:" + "a" * 32, "VLLM_URL": url}))
+            if ask == "learn_models":
+                upstream.learn_models()
+                assert "model list is not known yet" in caplog.text
+            else:
+                with pytest.raises(ApiError) as raised:
+                    upstream.models()
+                assert raised.value.status == 503

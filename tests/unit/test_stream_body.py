@@ -19,6 +19,7 @@ from dce_proxy.config import load_settings
 from dce_proxy.opener import Opened, StreamOpener
 from dce_proxy.stream_body import StreamBody
 from dce_proxy.upstream import Upstream, UpstreamStreamError
+from unit_helpers import vllm_answering_once
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 EVENT = b"data: {}\n\n"
@@ -150,33 +151,18 @@ def test_an_end_that_does_not_come_closes_the_connection(pair):
 def test_a_stream_vllm_says_it_closes_is_read_to_its_end_and_never_pooled(framing):
     # http.client lets go of the connection's socket for such an answer (uvicorn sends
     # "Connection: close" on answers it starts while shutting down).
-    listener = socket.create_server(("127.0.0.1", 0))
-    events = EVENT * 3
-
-    def serve():
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(65536)
-            head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
-            if framing == "chunked":
-                conn.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + CHUNK * 3 + LAST)
-            else:
-                conn.sendall(head + b"\r\n" + events)
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    with listener:
-        upstream = Upstream(load_settings({"DCE_API_KEYS": "alice:" + "a" * 32,
-                                           "VLLM_URL": f"http://127.0.0.1:{listener.getsockname()[1]}"}))
-        opener = StreamOpener(upstream, "/v1/chat/completions", b"{}", {})
-        opened = opener.outcome(30)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
+    answer = head + (b"Transfer-Encoding: chunked\r\n\r\n" + CHUNK * 3 + LAST if framing == "chunked"
+                     else b"\r\n" + EVENT * 3)
+    with vllm_answering_once(answer) as url:
+        upstream = Upstream(load_settings({"DCE_API_KEYS": "alice:" + "a" * 32, "VLLM_URL": url}))
+        opened = StreamOpener(upstream, "/v1/chat/completions", b"{}", {}).outcome(30)
         assert isinstance(opened, Opened), opened
         received = b""
         while not opened.body.done:
             received += opened.body.read(30) or b""
-        assert received == events
-        assert not upstream._pool.pool.queue or all(c is None for c in upstream._pool.pool.queue)
-        server.join()
+        assert received == EVENT * 3
+        assert all(connection is None for connection in upstream._pool.pool.queue)
 
 
 def test_time_spent_away_from_the_socket_is_not_vllms_silence(pair):

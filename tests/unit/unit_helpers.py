@@ -150,3 +150,22 @@ def access_lines() -> Iterator[list[dict]]:
         yield lines
     finally:
         logging.getLogger("dce_proxy.access").removeHandler(handler)
+
+
+@contextmanager
+def vllm_answering_once(answer: bytes) -> Iterator[str]:
+    """A vLLM stand-in at the URL it yields: it reads one request, writes `answer` (any bytes, even
+    broken HTTP) and closes the connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    with listener:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    server.join(30)
