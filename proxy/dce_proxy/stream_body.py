@@ -18,15 +18,13 @@ import urllib3
 
 from .chunked import ChunkedCodingError, ChunkedDecoder
 from .errors import upstream_garbage, upstream_timeout, upstream_unavailable
-from .upstream import UpstreamStreamError
+from .upstream import CUT, SILENT, UpstreamStreamError
 
 _READ_BYTES = 16384
 # Reads in a row that find bytes at once let the worker's other greenlets run this often: a stream
 # vLLM sends faster than the worker relays never waits on its socket, and one such stream held a
 # worker until gunicorn missed its 60-s heartbeat and killed it.
 _READS_BETWEEN_TURNS = 32
-_SILENT = "vLLM stopped sending tokens (timed out)."
-_CUT = "vLLM closed the stream before it ended."
 
 
 class _Unchunked:
@@ -45,10 +43,6 @@ class _Unchunked:
         self.done = not self._left
         return body
 
-    @property
-    def ends_at_close(self) -> bool:
-        return self._left is None
-
 
 class StreamBody:
     """vLLM's answer (a 200 event stream, its headers read) from its first body byte on."""
@@ -59,6 +53,7 @@ class StreamBody:
         self._silence_limit = silence_limit
         self._silent_for = 0.0  # seconds waited for vLLM's bytes since the last came
         self._decoder = ChunkedDecoder() if answer.chunked else _Unchunked(answer.length_remaining)
+        self._ends_at_close = not answer.chunked and answer.length_remaining is None
         self._reads_in_a_row = 0
         self._closed = False
         self.done = False  # the whole body was read
@@ -80,19 +75,19 @@ class StreamBody:
             data = self._sock.recv(_READ_BYTES)
         except TimeoutError as error:
             if error.errno:  # the kernel's ETIMEDOUT: vLLM's host stopped answering TCP keep-alive
-                raise UpstreamStreamError(upstream_unavailable(_CUT)) from None
+                raise UpstreamStreamError(upstream_unavailable(CUT)) from None
             self._silent_for += time.monotonic() - waited_from
             if self._silent_for >= self._silence_limit:
-                raise UpstreamStreamError(upstream_timeout(_SILENT)) from None
+                raise UpstreamStreamError(upstream_timeout(SILENT)) from None
             self._reads_in_a_row = 0
             return None
         except (OSError, ValueError):  # (ValueError: a TLS socket closed under the read)
-            raise UpstreamStreamError(upstream_unavailable(_CUT)) from None
+            raise UpstreamStreamError(upstream_unavailable(CUT)) from None
         if not data:
-            if isinstance(self._decoder, _Unchunked) and self._decoder.ends_at_close:
+            if self._ends_at_close:
                 self._finish(reuse=False)
                 return b""
-            raise UpstreamStreamError(upstream_unavailable(_CUT))
+            raise UpstreamStreamError(upstream_unavailable(CUT))
         self._reads_in_a_row += 1
         if self._reads_in_a_row >= _READS_BETWEEN_TURNS:
             self._reads_in_a_row = 0

@@ -73,6 +73,11 @@ class _Reading:
         self.error: ApiError | None = None
 
 
+# How a body that stopped before its end is told, whoever reads it (stream_body.py, or here).
+SILENT = "vLLM stopped sending tokens (timed out)."
+CUT = "vLLM closed the stream before it ended."
+
+
 class UpstreamStreamError(Exception):
     """The upstream stream broke after the client already got its 200."""
 
@@ -211,7 +216,7 @@ def read_all(response: urllib3.BaseHTTPResponse) -> bytes:
     try:
         return response.data
     except ReadTimeoutError:
-        raise upstream_timeout("vLLM stopped sending tokens (timed out).") from None
+        raise upstream_timeout(SILENT) from None
     except HTTPError:
         raise upstream_unavailable("vLLM closed the connection before answering.") from None
     finally:
@@ -224,9 +229,9 @@ def iter_body(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     try:
         yield from response.read_chunked() if response.chunked else iter(lambda: response.read1(65536), b"")
     except ReadTimeoutError:
-        raise UpstreamStreamError(upstream_timeout("vLLM stopped sending tokens (timed out).")) from None
+        raise UpstreamStreamError(upstream_timeout(SILENT)) from None
     except HTTPError:
-        raise UpstreamStreamError(upstream_unavailable("vLLM closed the stream before it ended.")) from None
+        raise UpstreamStreamError(upstream_unavailable(CUT)) from None
 
 
 def init_upstream(app: Flask, loaded: Settings) -> None:
