@@ -1,7 +1,7 @@
 """Opens a streamed answer of vLLM's: sends the request at once, then tells how vLLM answered when
 asked, waiting for it no longer than the caller says, so that the response can send heartbeats while
 vLLM is still to answer (a long prefill, a full engine): Opened (a 200 event stream, whose body the
-response then reads: stream_body.py), Refused (vLLM's own error answer) or Failed (an ApiError)."""
+response then reads: answer.py), Refused (vLLM's own error answer) or Failed (an ApiError)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ import time
 from dataclasses import dataclass
 from typing import Mapping, Union
 
-import urllib3
-
+from .answer import Answer
 from .errors import ApiError, upstream_garbage, upstream_unavailable
 from .sent_request import SentRequest
-from .stream_body import StreamBody
 from .upstream import Upstream, read_all
 
 log = logging.getLogger("dce_proxy")
@@ -22,7 +20,7 @@ log = logging.getLogger("dce_proxy")
 
 @dataclass(frozen=True)
 class Opened:
-    body: StreamBody
+    body: Answer  # a 200 event stream, its body still to read
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,6 @@ Answered = Union[Opened, Refused, Failed]
 
 class StreamOpener:
     def __init__(self, upstream: Upstream, path: str, body: bytes, headers: Mapping[str, str]):
-        self._silence_limit = upstream.silence_limit
         self._sent: SentRequest | None = None
         self._outcome: Answered | None = None
         try:
@@ -75,14 +72,14 @@ class StreamOpener:
         elif self._outcome is None:
             self._sent.close()
 
-    def _opened_or_closed(self, answer: urllib3.BaseHTTPResponse) -> Answered:
+    def _opened_or_closed(self, answer: Answer) -> Answered:
         try:
             return self._opened(answer)
         except BaseException:
             answer.close()
             raise
 
-    def _opened(self, answer: urllib3.BaseHTTPResponse) -> Answered:
+    def _opened(self, answer: Answer) -> Answered:
         if answer.status >= 400:
             try:
                 return Refused(answer.status, read_all(answer))
@@ -92,12 +89,12 @@ class StreamOpener:
         if problem is not None:
             answer.close()
             return Failed(upstream_garbage(problem))
-        return Opened(StreamBody(answer, self._sent.socket, self._silence_limit))
+        return Opened(answer)
 
 
-def _not_an_event_stream(answer: urllib3.BaseHTTPResponse) -> str | None:
-    if not answer.headers.get("Content-Type", "").startswith("text/event-stream"):
+def _not_an_event_stream(answer: Answer) -> str | None:
+    if not answer.headers.get("content-type", "").startswith("text/event-stream"):
         return "vLLM answered a streaming request without an event stream."
-    if answer.headers.get("Content-Encoding", "identity") != "identity":
+    if answer.headers.get("content-encoding", "identity") != "identity":
         return "vLLM compressed a stream the proxy did not ask to be compressed."
     return None

@@ -7,10 +7,10 @@ import itertools
 import json
 from typing import Callable, Iterator
 
-import urllib3
 from flask import Response
 
 from .affinity import SESSION_HEADER, session_id
+from .answer import Answer, UpstreamStreamError
 from .config import settings
 from .errors import (ApiError, from_upstream, json_response, upstream_error_answer, upstream_garbage,
                      upstream_unavailable)
@@ -18,7 +18,7 @@ from .record import RequestRecord, current_record
 from .sse import DONE, EventSplitter, LineMatch, event_data, event_json, has_done, split_whole
 from .response_events import ResponseEventsRelay
 from .stream import Relay, stream_response
-from .upstream import UpstreamStreamError, iter_body, read_all, upstream
+from .upstream import iter_body, read_all, upstream
 from .usage import (USAGE_KEY, UsageAsked, as_asked, as_asked_bytes, ask_for_usage, count_text_events,
                     count_usage_at_end)
 
@@ -37,7 +37,7 @@ _USAGE_TAIL_BYTES = 65536
 _VLLM_ERROR_EVENT = LineMatch(rb'(?:^|\n)data: ?\{\s*"error"\s*:', b'"error"')
 
 
-def upstream_error_response(answer: urllib3.BaseHTTPResponse) -> Response:
+def upstream_error_response(answer: Answer) -> Response:
     """vLLM's own error answer, passed through (errors.upstream_error_answer)."""
     try:
         body = read_all(answer)
@@ -46,7 +46,7 @@ def upstream_error_response(answer: urllib3.BaseHTTPResponse) -> Response:
     return upstream_error_answer(answer.status, body)
 
 
-def read_json(answer: urllib3.BaseHTTPResponse) -> tuple[bytes, dict]:
+def read_json(answer: Answer) -> tuple[bytes, dict]:
     """vLLM's JSON answer: its bytes (to pass on untouched) and their parsed form."""
     body = read_all(answer)
     try:
@@ -227,7 +227,7 @@ def _forward(path: str, body: dict, make_relay: Callable[[RequestRecord], Relay]
     return json_response(rewrite_json(parsed))
 
 
-def _passed_through(answer: urllib3.BaseHTTPResponse) -> Response:
+def _passed_through(answer: Answer) -> Response:
     """vLLM's whole answer (sent at once, when generation is over) goes on as it arrives: never
     parsed, never held whole. Only its first byte is checked (vLLM answers a JSON object), and its
     Content-Length goes on too, so a client sees an answer cut after that as cut."""
@@ -240,32 +240,26 @@ def _passed_through(answer: urllib3.BaseHTTPResponse) -> Response:
     if not first.lstrip().startswith(b"{"):
         answer.close()
         raise upstream_garbage("vLLM's answer is not a JSON object.")
-    length = answer.headers.get("Content-Length")
+    length = answer.headers.get("content-length")
     return Response(_rest_of(answer, first, chunks, current_record(), int(length) if length else None),
                     mimetype="application/json", headers={"Content-Length": length} if length else None)
 
 
-def _rest_of(answer: urllib3.BaseHTTPResponse, first: bytes, chunks: Iterator[bytes], record: RequestRecord,
+def _rest_of(answer: Answer, first: bytes, chunks: Iterator[bytes], record: RequestRecord,
              length: int | None) -> Iterator[bytes]:
     """The answer's bytes; the usage at its end (vLLM's last fields) goes to the request's record.
     A cut (UpstreamStreamError) propagates: gunicorn then closes the client's connection at once,
     where a quiet end would leave the client waiting for the bytes its Content-Length promised."""
-    tail, received, whole = b"", 0, False
+    tail, received = b"", 0
     try:
         for chunk in itertools.chain([first], chunks):
             received += len(chunk)
             tail = (tail + chunk)[-_USAGE_TAIL_BYTES:]
             # Counted before the last bytes go out: a client may stop reading once it has them all.
-            whole = received == length
-            if whole:
+            if received == length:
                 count_usage_at_end(tail, record)
             yield chunk
         if length is None:
-            whole = True
             count_usage_at_end(tail, record)
     finally:
-        # A connection read to its end goes back to the pool; one cut (or left by the client) does not.
-        if whole:
-            answer.release_conn()
-        else:
-            answer.close()
+        answer.close()  # (one read whole is back in the pool already: this closes one cut, or left)

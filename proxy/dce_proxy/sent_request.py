@@ -7,8 +7,8 @@ being woken by it were three waits for a turn of gevent's callbacks (which it ru
 per turn of its loop), most of a first token's time in a burst of streams. Every other request
 (whole answers, the model list) reads its answer at once, through the same code.
 
-It uses urllib3's pool below urlopen: _get_conn and _put_conn, and the two fields by which an
-answer's release_conn() gives its connection back (as HTTPConnectionPool._make_request sets them).
+The request goes out in one write, its answer is parsed by answer.py. urllib3 keeps the pool of
+connections (and connects them, over TLS too): its _get_conn and _put_conn, as urlopen uses them.
 urllib3 is pinned; the unit tests run every path here.
 """
 
@@ -16,28 +16,32 @@ from __future__ import annotations
 
 import socket
 import time
-from http.client import HTTPException, RemoteDisconnected
-from typing import Callable, Mapping
+from typing import Callable
 
 import urllib3
 from urllib3.connection import HTTPConnection
 from urllib3.exceptions import ConnectTimeoutError, HTTPError
 
+from .answer import READ_BYTES, Answer, AnswerParser, NotHttp
 from .errors import ApiError, upstream_timeout, upstream_unavailable
 from .sockets import readable_within
 
 # What a pooled keep-alive connection that vLLM had already closed looks like when reused (vLLM's
 # server drops connections idle for 5 s): the request got no answer at all.
-_STALE_CONNECTION = (RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+_STALE_CONNECTION = (ConnectionResetError, BrokenPipeError)
 _NOT_ACCEPTED = "vLLM did not accept the connection: it is starting (loading the model), restarting, or down."
 _NOT_REACHABLE = "vLLM is not reachable (starting, restarting or down)."
 _NO_ANSWER = "vLLM did not start answering in time."
 
 
+class _NoAnswer(Exception):
+    """vLLM closed the connection without a byte of answer."""
+
+
 class SentRequest:
-    def __init__(self, pool: urllib3.HTTPConnectionPool, method: str, target: str, body: bytes | None,
-                 headers: Mapping[str, str], timeout: urllib3.Timeout, not_there: Callable[[str], ApiError]):
-        self._pool, self._method, self._target, self._body, self._headers = pool, method, target, body, headers
+    def __init__(self, pool: urllib3.HTTPConnectionPool, request: bytes, timeout: urllib3.Timeout,
+                 not_there: Callable[[str], ApiError]):
+        self._pool, self._request = pool, request
         self._timeout = timeout
         self._not_there = not_there  # the 503 for a vLLM that did not answer, with this reason
         self._resent = False
@@ -58,18 +62,19 @@ class SentRequest:
             raise upstream_timeout(_NO_ANSWER)
         return False
 
-    def answer(self) -> urllib3.BaseHTTPResponse | None:
-        """vLLM's answer, its headers read (after answered_within said so, or waiting up to the
-        read timeout); None when the request had to be sent once more, on a new connection, to be
-        waited for again: vLLM had closed the pooled one without any answer, so it never handled
-        the request, and even a POST is safe to resend. Once only: a second silent close is vLLM
-        failing. Raises ApiError. The answer's socket stays `socket` (http.client lets go of it
-        when vLLM says it will close the connection)."""
-        connection = self._connection
-        connection.timeout = self._timeout.read_timeout
+    def answer(self) -> Answer | None:
+        """vLLM's answer, its head read (after answered_within said so, or waiting up to the read
+        timeout); None when the request had to be sent once more, on a new connection, to be waited
+        for again: vLLM had closed the pooled one without any answer, so it never handled the
+        request, and even a POST is safe to resend. Once only: a second silent close is vLLM
+        failing. Raises ApiError."""
+        parsed = AnswerParser()
         try:
-            answer = connection.getresponse()
-        except _STALE_CONNECTION:
+            early = self._read_head(parsed)
+        except (_NoAnswer, *_STALE_CONNECTION):
+            if parsed.received:
+                self.close()
+                raise self._not_there(_NOT_REACHABLE) from None
             self.close()
             if self._resent:
                 raise self._not_there(_NOT_REACHABLE) from None
@@ -81,11 +86,13 @@ class SentRequest:
             if error.errno:  # the kernel's ETIMEDOUT: vLLM's host stopped answering TCP keep-alive
                 raise self._not_there(_NOT_REACHABLE) from None
             raise upstream_timeout(_NO_ANSWER) from None
-        except (OSError, HTTPException, HTTPError):  # (HTTPError: urllib3's, e.g. headers it refuses)
+        except (OSError, ValueError, NotHttp):  # (ValueError: a TLS socket closed under the read)
             self.close()
             raise self._not_there(_NOT_REACHABLE) from None
-        self._connection = None  # the answer's now: its release_conn() or close() ends it
-        answer._connection, answer._pool = connection, self._pool
+        connection, self._connection = self._connection, None  # the answer's now
+        answer = Answer(parsed, early, self.socket, self._timeout.read_timeout,
+                        release=lambda: self._pool._put_conn(connection),
+                        close=lambda: self._drop(connection))
         if answer.status in (502, 503, 504):
             answer.close()
             raise upstream_unavailable(f"vLLM is not ready (HTTP {answer.status}).")
@@ -94,16 +101,32 @@ class SentRequest:
     def close(self) -> None:
         """Its answer will not be read: the connection closes (vLLM aborts what it started)."""
         if self._connection is not None:
-            self._connection.close()
+            self._drop(self._connection)
             self._connection = None
-            self._pool._put_conn(None)  # the pool's count of connections, as urlopen keeps it
+
+    def _drop(self, connection: HTTPConnection) -> None:
+        connection.close()
+        self._pool._put_conn(None)  # the pool's count of connections, as urlopen keeps it
+
+    def _read_head(self, parsed: AnswerParser) -> bytes:
+        """Reads until the answer's head is whole; returns the body bytes that came with it."""
+        self.socket.settimeout(self._timeout.read_timeout)
+        early = []
+        while not parsed.head_done:
+            data = self.socket.recv(READ_BYTES)
+            if not data:
+                raise _NoAnswer
+            early.append(parsed.feed(data))
+        return b"".join(early)
 
     def _send(self) -> None:
         connection = self._connection = self._pool._get_conn()
-        connection.timeout = self._timeout.connect_timeout
         try:
-            connection.request(self._method, self._target, body=self._body, headers=self._headers,
-                               preload_content=False)
+            if connection.sock is None:
+                connection.timeout = self._timeout.connect_timeout
+                connection.connect()
+            connection.sock.settimeout(self._timeout.connect_timeout)
+            connection.sock.sendall(self._request)
         except (BrokenPipeError, ConnectionResetError):
             pass  # (as urllib3) a connection vLLM closed: reading its answer tells what happened
         except ConnectTimeoutError:  # also a refused connection, and a name that does not resolve yet

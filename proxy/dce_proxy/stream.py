@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Mapping, Protocol
 import redis
 from flask import Response, request
 
+from .answer import Answer, UpstreamStreamError
 from .config import settings
 from .errors import (ApiError, limits_store_unavailable, too_many, upstream_error, upstream_error_answer,
                      upstream_unavailable)
@@ -26,8 +27,7 @@ from .opener import Failed, Opened, Refused, StreamOpener
 from .record import Outcome, RequestRecord, current_record
 from .sockets import readable_now
 from .sse import HEARTBEAT
-from .stream_body import StreamBody
-from .upstream import Upstream, UpstreamStreamError
+from .upstream import Upstream
 
 log = logging.getLogger("dce_proxy")
 
@@ -186,7 +186,7 @@ class _Stream:
                 return outcome
             yield from self._beat()
 
-    def _next_data(self, body: StreamBody):
+    def _next_data(self, body: Answer):
         """Waits for vLLM's next bytes, with heartbeats; returns them."""
         while True:
             wait = self._next_beat - time.monotonic()

@@ -13,10 +13,9 @@ from typing import Iterator, Mapping
 import urllib3
 from flask import Flask, current_app
 
-from urllib3.exceptions import HTTPError, ReadTimeoutError
-
+from .answer import Answer, UpstreamStreamError
 from .config import Settings
-from .errors import ApiError, upstream_garbage, upstream_timeout, upstream_unavailable
+from .errors import ApiError, upstream_garbage, upstream_unavailable
 from .model_status import not_ready_reason
 from .sent_request import SentRequest
 from .sockets import readable_now
@@ -73,33 +72,20 @@ class _Reading:
         self.error: ApiError | None = None
 
 
-# How a body that stopped before its end is told, whoever reads it (stream_body.py, or here).
-SILENT = "vLLM stopped sending tokens (timed out)."
-CUT = "vLLM closed the stream before it ended."
-
-
-class UpstreamStreamError(Exception):
-    """The upstream stream broke after the client already got its 200."""
-
-    def __init__(self, error: ApiError):
-        super().__init__(error.message)
-        self.error = error
-
-
 class Upstream:
     def __init__(self, settings: Settings):
         url = urllib3.util.parse_url(settings.vllm_url)
         self._prefix = (url.path or "").rstrip("/")
+        default_port = 443 if url.scheme == "https" else 80
+        self._host = url.host if url.port in (None, default_port) else f"{url.host}:{url.port}"
         self._timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.first_byte_timeout)
-        # The longest vLLM may stay silent within a stream, too (stream_body.py).
-        self.silence_limit = settings.first_byte_timeout
         # vLLM sends a non-streamed answer only once it is complete: the wait is for all of it.
         self.whole_answer_timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.answer_timeout)
         # urllib3 itself, not requests: one pool to one host needs none of requests' per-call
         # session merging, which cost a third of the proxy's CPU per request (py-spy, make bench).
         # No retries: a POST may already be generating. Not blocking: every stream gets a connection.
         # vLLM answers its /v1 routes only to the proxy's key (compose.yaml), sent with every request.
-        self._headers = {"Authorization": f"Bearer {settings.vllm_api_key}"} if settings.vllm_api_key else {}
+        self._headers = f"Authorization: Bearer {settings.vllm_api_key}\r\n" if settings.vllm_api_key else ""
         self._pool = urllib3.connection_from_url(
             settings.vllm_url, maxsize=2048, block=False, retries=False, timeout=self._timeout,
             socket_options=urllib3.connection.HTTPConnection.default_socket_options + _KEEPALIVE)
@@ -187,8 +173,8 @@ class Upstream:
     # -- requests --------------------------------------------------------------------------
 
     def request(self, method: str, path: str, *, body: bytes | None = None, timeout: urllib3.Timeout | None = None,
-                headers: Mapping[str, str] | None = None) -> urllib3.BaseHTTPResponse:
-        """Sends one request and reads its answer's headers; the caller reads its body (read_all,
+                headers: Mapping[str, str] | None = None) -> Answer:
+        """Sends one request and reads its answer's head; the caller reads its body (read_all,
         iter_body). Connection failures and 5xx-while-loading become ApiErrors; vLLM's own 4xx
         answers are returned as they are, for the caller to pass through."""
         sent = self.send(method, path, body=body, timeout=timeout, headers=headers)
@@ -201,37 +187,47 @@ class Upstream:
              headers: Mapping[str, str] | None = None) -> SentRequest:
         """Sends one request (with `headers` besides the proxy's own), its answer read later
         (sent_request.py). Raises ApiError when vLLM cannot be reached."""
-        return SentRequest(self._pool, method, self._prefix + path, body,
-                           {**(headers or {}), **self._headers,
-                            **({"Content-Type": "application/json"} if body is not None else {})},
+        return SentRequest(self._pool, self._request_bytes(method, path, body, headers or {}),
                            timeout or self._timeout, self._not_there)
+
+    def _request_bytes(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]) -> bytes:
+        """The whole request, to go out in one write. Its answer uncompressed: the relay reads its events."""
+        head = [f"{method} {self._prefix}{path} HTTP/1.1\r\nHost: {self._host}\r\nAccept-Encoding: identity\r\n"
+                f"User-Agent: dce-proxy\r\n{self._headers}"]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value:
+                raise ValueError(f"a line break in the value of the header {name}")
+            head.append(f"{name}: {value}\r\n")
+        if body is not None:
+            head.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
+        head.append("\r\n")
+        return "".join(head).encode("latin-1") + (body or b"")
 
     def _not_there(self, otherwise: str) -> ApiError:
         """The 503 for a vLLM that did not answer: what the model download says, if it says anything."""
         return upstream_unavailable(not_ready_reason(self._model_status_file) or otherwise)
 
 
-def read_all(response: urllib3.BaseHTTPResponse) -> bytes:
-    """The whole body of a streamed-mode answer; the connection goes back to the pool unless it broke."""
+def read_all(answer: Answer) -> bytes:
+    """The whole body of an answer; the connection goes back to the pool unless it broke. Raises
+    ApiError."""
+    pieces = []
     try:
-        return response.data
-    except ReadTimeoutError:
-        raise upstream_timeout(SILENT) from None
-    except HTTPError:
-        raise upstream_unavailable("vLLM closed the connection before answering.") from None
-    finally:
-        response.release_conn()
+        while not answer.done:
+            pieces.append(answer.read(answer.silence_limit) or b"")
+    except UpstreamStreamError as error:
+        if error.error.status == 503:
+            raise upstream_unavailable("vLLM closed the connection before answering.") from None
+        raise error.error from None
+    return b"".join(pieces)
 
 
-def iter_body(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-    """Yields a whole answer's body (not an event stream: stream_body.py reads those) as it
-    arrives; a cut raises UpstreamStreamError."""
-    try:
-        yield from response.read_chunked() if response.chunked else iter(lambda: response.read1(65536), b"")
-    except ReadTimeoutError:
-        raise UpstreamStreamError(upstream_timeout(SILENT)) from None
-    except HTTPError:
-        raise UpstreamStreamError(upstream_unavailable(CUT)) from None
+def iter_body(answer: Answer) -> Iterator[bytes]:
+    """Yields a whole answer's body as it arrives; a cut raises UpstreamStreamError."""
+    while not answer.done:
+        piece = answer.read(answer.silence_limit)
+        if piece:
+            yield piece
 
 
 def init_upstream(app: Flask, loaded: Settings) -> None:
