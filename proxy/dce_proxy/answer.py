@@ -85,8 +85,9 @@ class AnswerParser:
     @property
     def ends_at_close(self) -> bool:
         """A body framed by neither Content-Length nor chunked coding: it ends when vLLM closes."""
-        return ("content-length" not in self.headers and "chunked" not in self.headers.get("transfer-encoding", "")
-                and self.status not in (204, 304))
+        codings = self.headers.get("transfer-encoding", "").lower()
+        chunked = codings.rsplit(",", 1)[-1].strip() == "chunked"
+        return "content-length" not in self.headers and not chunked and self.status not in (204, 304)
 
     # httptools' callbacks
     def on_message_begin(self) -> None:
@@ -94,23 +95,31 @@ class AnswerParser:
         self.surplus = self._messages > 1
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._messages == 1:
-            key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        if self._messages == 1 and not self.head_done:  # (not a chunked body's trailer fields)
+            key, text = name.decode("latin-1").lower(), value.decode("latin-1").strip()
             self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
         if self._messages == 1:
-            self.head_done = True
             self.status = self._parser.get_status_code()
+            self.head_done = not self._interim
 
     def on_body(self, body: bytes) -> None:
         if self._messages == 1:
             self._pieces.append(body)
 
     def on_message_complete(self) -> None:
-        if self._messages == 1:
-            self.complete = True
-            self.keeps_connection = self._parser.should_keep_alive()  # (llhttp forgets it right after)
+        if self._messages != 1:
+            return
+        if self._interim:  # (100 Continue, 103 Early Hints: the answer follows on the same connection)
+            self._messages, self.status, self.headers = 0, 0, {}
+            return
+        self.complete = True
+        self.keeps_connection = self._parser.should_keep_alive()  # (llhttp forgets it right after)
+
+    @property
+    def _interim(self) -> bool:
+        return 100 <= self.status < 200 and self.status != 101
 
 
 class Answer:
@@ -146,8 +155,7 @@ class Answer:
         if self._early:
             data, self._early = self._early, b""
             return data
-        if self._parsed.broken:
-            raise self._broken(upstream_garbage(f"vLLM's stream is not valid HTTP: {self._parsed.broken}."))
+        self._raise_if_broken()
         if self.done:
             return b""
         # Silence counts only while waiting here: time spent writing to a slow client is not vLLM's.
@@ -177,8 +185,7 @@ class Answer:
             time.sleep(0)  # (gevent's sleep in a worker: a turn for the others)
         self._silent_for = 0.0
         body = self._parsed.feed(data)
-        if self._parsed.broken:
-            raise self._broken(upstream_garbage(f"vLLM's stream is not valid HTTP: {self._parsed.broken}."))
+        self._raise_if_broken()
         if self._parsed.complete:
             self._finish()
         return body
@@ -208,6 +215,10 @@ class Answer:
                 self._release()
             else:
                 self._close()
+
+    def _raise_if_broken(self) -> None:
+        if self._parsed.broken:
+            raise self._broken(upstream_garbage(f"vLLM's answer is not valid HTTP: {self._parsed.broken}."))
 
     def _broken(self, error: ApiError) -> UpstreamStreamError:
         self.close()

@@ -55,8 +55,8 @@ class SentRequest:
         Over TLS the session tickets a TLS 1.3 server sends after the handshake make a new
         connection readable too: answer() then waits for vLLM's headers without heartbeats (vLLM
         sends them as soon as it accepted the request, before any token)."""
-        if self.socket is None or readable_within(self.socket, min(seconds, self._answer_by - time.monotonic())):
-            return True  # (no socket: the send broke it; answer() tells what happened)
+        if readable_within(self.socket, min(seconds, self._answer_by - time.monotonic())):
+            return True
         if time.monotonic() >= self._answer_by:
             self.close()
             raise upstream_timeout(_NO_ANSWER)
@@ -135,5 +135,5 @@ class SentRequest:
         except (OSError, HTTPError):
             self.close()
             raise self._not_there(_NOT_REACHABLE) from None
-        self.socket: socket.socket | None = connection.sock
+        self.socket: socket.socket = connection.sock
         self._answer_by = time.monotonic() + self._timeout.read_timeout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -32,6 +33,15 @@ _MODELS_QUICK_TIMEOUT_SECONDS = 3
 # silent (a long prefill, a paused container) still answers the probes from its kernel.
 _KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5),
               (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5), (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)]
+
+
+# What may go in a request's head (RFC 9110): a method or header name, a target, a header's value.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TARGET = re.compile(r"[\x21-\x7e]+")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+# The headers the proxy writes itself.
+_OWN_HEADERS = {"host", "accept-encoding", "user-agent", "authorization", "content-type", "content-length",
+                "transfer-encoding", "connection"}
 
 
 @dataclass(frozen=True)
@@ -191,15 +201,21 @@ class Upstream:
                            timeout or self._timeout, self._not_there)
 
     def _request_bytes(self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]) -> bytes:
-        """The whole request, to go out in one write. Its answer uncompressed: the relay reads its events."""
-        head = [f"{method} {self._prefix}{path} HTTP/1.1\r\nHost: {self._host}\r\nAccept-Encoding: identity\r\n"
+        """The whole request, to go out in one write. Its answer uncompressed: the relay reads its events.
+        Raises ValueError for what would break the request's framing (the callers' own values)."""
+        target = self._prefix + path
+        if not _TOKEN.fullmatch(method) or not _TARGET.fullmatch(target):
+            raise ValueError(f"not a request line: {method} {target}")
+        head = [f"{method} {target} HTTP/1.1\r\nHost: {self._host}\r\nAccept-Encoding: identity\r\n"
                 f"User-Agent: dce-proxy\r\n{self._headers}"]
         for name, value in headers.items():
-            if "\r" in value or "\n" in value:
-                raise ValueError(f"a line break in the value of the header {name}")
+            if not _TOKEN.fullmatch(name) or name.lower() in _OWN_HEADERS or not _FIELD_VALUE.fullmatch(value):
+                raise ValueError(f"not a header the proxy may add: {name}")
             head.append(f"{name}: {value}\r\n")
         if body is not None:
             head.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
+        elif method in ("POST", "PUT", "PATCH"):
+            head.append("Content-Length: 0\r\n")
         head.append("\r\n")
         return "".join(head).encode("latin-1") + (body or b"")
 

@@ -286,3 +286,18 @@ def test_the_request_goes_out_whole_with_its_host_length_and_the_proxys_key(tmp_
     assert lines[0] == "POST /prefix/v1/completions HTTP/1.1" and body == b"{}"
     assert {f"Host: 127.0.0.1:{port}", "Authorization: Bearer " + "v" * 32, "X-Session-Id: s1",
             "Content-Type: application/json", "Content-Length: 2", "Accept-Encoding: identity"} <= set(lines)
+
+
+@pytest.mark.parametrize("method, path, headers", [
+    ("POST", "/v1/a b", {}), ("POST", "/v1/a\r\nX: y", {}), ("PO ST", "/v1/a", {}),
+    ("POST", "/v1/a", {"X-A": "1\r\nX-B: 2"}), ("POST", "/v1/a", {"X A": "1"}),
+    ("POST", "/v1/a", {"Authorization": "Bearer someone-else"}), ("POST", "/v1/a", {"content-length": "0"})])
+def test_a_request_that_would_break_its_framing_is_refused_before_it_goes_out(method, path, headers):
+    with pytest.raises(ValueError):
+        _upstream("http://127.0.0.1:9")._request_bytes(method, path, b"{}", headers)
+
+
+def test_a_post_without_body_says_its_length_is_zero():
+    head = _upstream("http://127.0.0.1:9")._request_bytes("POST", "/v1/responses/r1/cancel", None, {})
+    assert b"\r\nContent-Length: 0\r\n" in head and head.endswith(b"\r\n\r\n")
+    assert b"Content-Length" not in _upstream("http://127.0.0.1:9")._request_bytes("GET", "/v1/models", None, {})

@@ -76,3 +76,29 @@ def test_a_connection_close_answer_does_not_keep_its_connection():
     parsed = AnswerParser()
     parsed.feed(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
     assert parsed.complete and not parsed.keeps_connection
+
+
+@pytest.mark.parametrize("cut", [None, 25, 40])
+def test_an_interim_answer_is_passed_over_for_the_answer_that_follows(cut):
+    data = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" \
+           b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    parsed, body = AnswerParser(), []
+    for piece in ([data] if cut is None else [data[:cut], data[cut:]]):
+        body.append(parsed.feed(piece))
+    assert parsed.status == 200 and parsed.headers == {"content-length": "2"}
+    assert b"".join(body) == b"{}" and parsed.complete and not parsed.surplus
+
+
+def test_trailer_fields_and_spaces_around_values_stay_out_of_the_headers():
+    parsed = AnswerParser()
+    parsed.feed(b"HTTP/1.1 200 OK\r\nX-A:  1 \r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX-T: 1\r\n\r\n")
+    assert parsed.headers == {"x-a": "1", "transfer-encoding": "chunked"} and parsed.complete
+
+
+@pytest.mark.parametrize("framing, ends_at_close", [
+    (b"Transfer-Encoding: Chunked\r\n", False), (b"Transfer-Encoding: gzip, chunked\r\n", False),
+    (b"Content-Length: 5\r\n", False), (b"", True)])
+def test_only_a_body_without_length_or_chunks_ends_at_the_close(framing, ends_at_close):
+    parsed = AnswerParser()
+    parsed.feed(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n")
+    assert parsed.ends_at_close == ends_at_close
