@@ -128,13 +128,17 @@ class Slot:
     on /api/dce/proxy, see stream.py). Freed once, by whichever comes first: vLLM's stream ends, the
     response closes (the client went away), or the view failed; a request still in line leaves it."""
 
-    def __init__(self, release: Release | None, ticket: Ticket | None, refusal: ApiError, key: str | None):
+    def __init__(self, release: Release | None, ticket: Ticket | None, cap: int, key: str | None):
         self._release = release
         self._ticket = ticket
-        self.refusal = refusal  # the 429 of a request that may not wait
-        self._waiting = QUEUE_WAITING.labels(key_label(key))
+        self._cap = cap
         if ticket is not None:
+            self._waiting = QUEUE_WAITING.labels(key_label(key))
             self._waiting.inc()
+
+    def refusal(self) -> ApiError:
+        """The 429 of a request that may not wait."""
+        return _refusal(self._cap)
 
     @property
     def held(self) -> bool:
@@ -158,15 +162,18 @@ class Slot:
             release()
 
 
+def _refusal(cap: int) -> ApiError:
+    return too_many(f"Too many generations in flight for this key (limit {cap}). Wait for one to finish.",
+                    "too_many_concurrent_requests", _SLOT_RETRY_AFTER)
+
+
 def _take_slot(may_wait: bool) -> Slot:
     cap = settings().max_concurrent
     store = _slots()
-    refusal = too_many(f"Too many generations in flight for this key (limit {cap}). "
-                       "Wait for one to finish.", "too_many_concurrent_requests", _SLOT_RETRY_AFTER)
     release = store.acquire(client_id(), cap)
     if release is None and not may_wait:
-        raise refusal
-    return Slot(release, None if release is not None else store.join(client_id(), cap), refusal, current_record().key)
+        raise _refusal(cap)
+    return Slot(release, None if release is not None else store.join(client_id(), cap), cap, current_record().key)
 
 
 def _holding_slot(view, may_wait: bool):

@@ -214,7 +214,7 @@ def _forward(path: str, body: dict, make_relay: Callable[[RequestRecord], Relay]
         relay = make_relay(record)  # (before the body is written: a chat relay asks vLLM for its usage)
         return stream_response(vllm, path, json.dumps(body).encode(), headers, relay, slot)
     if not slot.held:
-        raise slot.refusal  # only a stream can wait in line: heartbeats keep its client
+        raise slot.refusal()  # only a stream can wait in line: heartbeats keep its client
     answer = vllm.request("POST", path, body=json.dumps(body).encode(), timeout=vllm.whole_answer_timeout,
                           headers=headers)
     if answer.status >= 400:
