@@ -96,7 +96,7 @@ class AnswerParser:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._messages == 1 and not self.head_done:  # (not a chunked body's trailer fields)
-            key, text = name.decode("latin-1").lower(), value.decode("latin-1").strip()
+            key, text = name.decode("latin-1").lower(), value.decode("latin-1").strip(" \t")
             self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
@@ -105,7 +105,7 @@ class AnswerParser:
             self.head_done = not self._interim
 
     def on_body(self, body: bytes) -> None:
-        if self._messages == 1:
+        if self._messages == 1 and not self._interim:  # (an interim answer may have a body of its own)
             self._pieces.append(body)
 
     def on_message_complete(self) -> None:

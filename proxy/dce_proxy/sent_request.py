@@ -54,7 +54,8 @@ class SentRequest:
 
         Over TLS the session tickets a TLS 1.3 server sends after the handshake make a new
         connection readable too: answer() then waits for vLLM's headers without heartbeats (vLLM
-        sends them as soon as it accepted the request, before any token)."""
+        sends them as soon as it accepted the request, before any token), and so does an interim
+        answer (100 Continue, which vLLM sends only to a request that asks for it)."""
         if readable_within(self.socket, min(seconds, self._answer_by - time.monotonic())):
             return True
         if time.monotonic() >= self._answer_by:

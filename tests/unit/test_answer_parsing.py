@@ -78,9 +78,10 @@ def test_a_connection_close_answer_does_not_keep_its_connection():
     assert parsed.complete and not parsed.keeps_connection
 
 
-@pytest.mark.parametrize("cut", [None, 25, 40])
+@pytest.mark.parametrize("cut", [None, 25, 40, 107])  # (107: within the 150's own body)
 def test_an_interim_answer_is_passed_over_for_the_answer_that_follows(cut):
     data = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" \
+           b"HTTP/1.1 150 Other\r\nContent-Length: 3\r\n\r\nabc" \
            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
     parsed, body = AnswerParser(), []
     for piece in ([data] if cut is None else [data[:cut], data[cut:]]):
