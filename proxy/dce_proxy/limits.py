@@ -15,7 +15,7 @@ import time
 import redis
 from flask import Flask, current_app, request
 from limits import RateLimitItem, parse, parse_many
-from limits.storage import storage_from_string
+from limits.storage import RedisStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from .config import Settings, in_redis, settings
@@ -55,11 +55,14 @@ class RateLimits:
     authentications per address (DCE_AUTH_FAILURE_LIMIT), in one store."""
 
     def __init__(self, storage_uri: str, rate_limit: str, auth_failure_limit: str):
+        self._redis: RedisStorage | None = None
         if storage_uri.startswith("memory://"):
             self._window: LocalMovingWindow | MovingWindowRateLimiter = LocalMovingWindow()
         else:
             options = REDIS_TIMEOUTS if in_redis(storage_uri) else {}
-            self._window = MovingWindowRateLimiter(storage_from_string(storage_uri, **options))
+            storage = storage_from_string(storage_uri, **options)
+            self._window = MovingWindowRateLimiter(storage)
+            self._redis = storage if isinstance(storage, RedisStorage) else None
         # Shortest window first, as flask-limiter checked them: a request refused by a short window
         # must not spend the budget of a longer one.
         self._rate = sorted(parse_many(rate_limit))
@@ -69,8 +72,27 @@ class RateLimits:
         """Counts a request against its client's budget; the 429 once it is spent."""
         for limit in self._rate:
             if not self._window.hit(limit, "requests", client):
-                raise too_many(f"Rate limit exceeded ({limit}). Retry later.", "rate_limit_exceeded",
-                               self._retry_after(limit, "requests", client))
+                raise self._spent(limit, client)
+
+    def count_script(self, client: str) -> tuple[str, list[str], list] | None:
+        """The Redis script that counts a request against its client's budget (limits' own, as
+        MovingWindowRateLimiter.hit runs it), for a caller that sends it with its own commands; a
+        true result means counted, else `refusal` tells why not. None unless the budget is one limit
+        kept in Redis: several are counted one after the other (count_request)."""
+        if self._redis is None or len(self._rate) != 1:
+            return None
+        limit = self._rate[0]
+        return (self._redis.lua_acquire_moving_window.script,
+                [self._redis.prefixed_key(limit.key_for("requests", client))],
+                [time.time(), limit.amount, limit.get_expiry(), 1])
+
+    def refusal(self, client: str) -> ApiError:
+        """The 429 of a request that count_script's script did not count."""
+        return self._spent(self._rate[0], client)
+
+    def _spent(self, limit: RateLimitItem, client: str) -> ApiError:
+        return too_many(f"Rate limit exceeded ({limit}). Retry later.", "rate_limit_exceeded",
+                        self._retry_after(limit, "requests", client))
 
     def refuse_after_failed_authentications(self, address: str) -> None:
         if not self._window.test(self._auth_failures, "auth-failures", address):
@@ -106,9 +128,12 @@ def count_failed_authentication() -> None:
 
 def count_request() -> None:
     """Every request to a route of the API counts, whatever its answer; health checks and unknown
-    paths do not."""
-    if request.url_rule is not None and request.blueprint not in _UNCOUNTED_BLUEPRINTS:
-        rate_limits().count_request(client_id())
+    paths do not. A request for a generation slot is counted as it takes its slot (_take_slot)."""
+    if request.url_rule is None or request.blueprint in _UNCOUNTED_BLUEPRINTS:
+        return
+    if getattr(current_app.view_functions.get(request.endpoint), "counts_its_request", False):
+        return
+    rate_limits().count_request(client_id())
 
 
 def init_limits(app: Flask, loaded: Settings) -> None:
@@ -168,12 +193,20 @@ def _refusal(cap: int) -> ApiError:
 
 
 def _take_slot(may_wait: bool) -> Slot:
-    cap = settings().max_concurrent
-    store = _slots()
-    release = store.acquire(client_id(), cap)
+    """Counts the request against its client's rate budget, then takes one of its slots: in one
+    round trip when both live in Redis."""
+    cap, store, rates, client = settings().max_concurrent, _slots(), rate_limits(), client_id()
+    count = rates.count_script(client) if isinstance(store, LeasedSlots) else None
+    if count is None:
+        rates.count_request(client)
+        release = store.acquire(client, cap)
+    else:
+        counted, release = store.acquire_after(client, cap, *count)
+        if not counted:
+            raise rates.refusal(client)
     if release is None and not may_wait:
         raise _refusal(cap)
-    return Slot(release, None if release is not None else store.join(client_id(), cap), cap, current_record().key)
+    return Slot(release, None if release is not None else store.join(client, cap), cap, current_record().key)
 
 
 def _holding_slot(view, may_wait: bool):
@@ -196,6 +229,7 @@ def _holding_slot(view, may_wait: bool):
             slot.free()
         return response
 
+    wrapper.counts_its_request = True  # (_take_slot does; count_request leaves it alone)
     return wrapper
 
 

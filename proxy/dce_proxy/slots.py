@@ -194,11 +194,36 @@ class LeasedSlots(_Slots):
         self._renewer: threading.Thread | None = None
 
     def _take(self, client: str, cap: int) -> Release | None:
-        key = f"dce-slots/{client}"
-        lease = f"{os.getpid()}-{id(self)}-{next(self._ids)}"
+        key, lease = self._new_lease(client)
         # A RedisError here becomes the 503 of limits.py's error handler, as the rate limits' do.
         if not self._acquire(keys=[key], args=[cap, LEASE_SECONDS, lease]):
             return None
+        return self._held_lease(client, key, lease)
+
+    def acquire_after(self, client: str, cap: int, script: str, keys: list[str], args: list) -> tuple[object, Release | None]:
+        """acquire() for a request that a script must pass first (its count against its rate
+        budget), both in one round trip: a command to Redis costs about 120 µs of CPU, most of it
+        the client's. Returns the script's result, and the slot if that result is true and a slot
+        was free (one taken by a request the script refused goes back at once)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.eval(script, len(keys), *keys, *args)
+        take = not self._line.busy(client)
+        if take:
+            key, lease = self._new_lease(client)
+            pipe.eval(_ACQUIRE, 1, key, cap, LEASE_SECONDS, lease)
+        results = pipe.execute()
+        if not take or not results[1]:
+            return results[0], None
+        release = self._held_lease(client, key, lease)
+        if not results[0]:
+            release()
+            return results[0], None
+        return results[0], release
+
+    def _new_lease(self, client: str) -> tuple[str, str]:
+        return f"dce-slots/{client}", f"{os.getpid()}-{id(self)}-{next(self._ids)}"
+
+    def _held_lease(self, client: str, key: str, lease: str) -> Release:
         self._held[lease] = key
         self._start_renewer()
 

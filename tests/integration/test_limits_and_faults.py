@@ -178,6 +178,22 @@ def test_vllm_killed_mid_stream_ends_streams_then_recovers_without_proxy_restart
     figures.add("faults_survived", 1)
 
 
+_LIMITS_IN_ONE_TRIP = (Path(__file__).parent / "in_container" / "limits_in_one_trip.py").read_text()
+
+
+def test_a_requests_rate_count_and_its_slot_go_to_redis_together_and_hold_as_before(stack):
+    # Several workers share their limits in Redis: a generation request's count against its rate
+    # budget and its slot go in one round trip; what each request gets, and limits' own reading of
+    # the window, must be what two separate trips gave (a budget of 3, a cap of 2).
+    code, out = stack.exec_python("proxy", _LIMITS_IN_ONE_TRIP)
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["taken"] == [[True, True], [True, True], [True, False], [False, False], [False, False]]
+    assert result["left"] == 0 and result["held"] == 2 and result["freed"] == 0
+    assert result["after_refusal"] == 0  # a slot taken by a refused request went back at once
+    assert result["refusal"][0] == 429 and "Rate limit exceeded (3 per 1 minute)" in result["refusal"][1]
+
+
 _KILL_BUSIEST_WORKER = (Path(__file__).parent / "in_container" / "kill_busiest_worker.py").read_text()
 # Streams each worker must hold before one is killed, and events a spared stream must bring after.
 _STREAMS_PER_WORKER = 2
