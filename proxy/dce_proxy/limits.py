@@ -76,13 +76,15 @@ class RateLimits:
 
     def count_script(self, client: str) -> tuple[str, list[str], list] | None:
         """The Redis script that counts a request against its client's budget (limits' own, as
-        MovingWindowRateLimiter.hit runs it), for a caller that sends it with its own commands; a
-        true result means counted, else `refusal` tells why not. None unless the budget is one limit
-        kept in Redis: several are counted one after the other (count_request)."""
+        MovingWindowRateLimiter.hit runs it, with its keys and arguments), for a caller that runs it
+        in a script of its own (slots.py's acquire_after); true means counted, else `refusal` tells
+        why not. None unless the budget is one limit kept in Redis: several are counted one after
+        the other (count_request)."""
         if self._redis is None or len(self._rate) != 1:
             return None
+        script = self._redis.lua_acquire_moving_window.script
         limit = self._rate[0]
-        return (self._redis.lua_acquire_moving_window.script,
+        return (script.decode() if isinstance(script, bytes) else script,
                 [self._redis.prefixed_key(limit.key_for("requests", client))],
                 [time.time(), limit.amount, limit.get_expiry(), 1])
 
@@ -131,7 +133,9 @@ def count_request() -> None:
     paths do not. A request for a generation slot is counted as it takes its slot (_take_slot)."""
     if request.url_rule is None or request.blueprint in _UNCOUNTED_BLUEPRINTS:
         return
-    if getattr(current_app.view_functions.get(request.endpoint), "counts_its_request", False):
+    # (Flask answers an OPTIONS itself, without calling the view.)
+    if getattr(current_app.view_functions.get(request.endpoint), "counts_its_request", False) \
+            and request.method != "OPTIONS":
         return
     rate_limits().count_request(client_id())
 

@@ -3,6 +3,7 @@ first-come-first-served line of requests waiting for one."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -31,17 +32,33 @@ REDIS_TIMEOUTS = {"socket_timeout": 2, "socket_connect_timeout": 2}
 # How often the first request of a line asks again for a slot that may have been freed elsewhere.
 _RETRY_SECONDS = 0.2
 
-# Atomic in Redis: drop lapsed leases, refuse at the cap, else take a lease. Redis's clock, so the
-# workers' clocks do not matter.
-_ACQUIRE = """
+
+def _acquire_script(key: str, cap: str, seconds: str, lease: str) -> str:
+    """Atomic in Redis: drop lapsed leases, refuse at the cap, else take a lease (1; 0 when full).
+    Redis's clock, so the workers' clocks do not matter. Its key and arguments where the caller says."""
+    return f"""
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]) + 1)
+redis.call('ZREMRANGEBYSCORE', {key}, '-inf', now)
+if redis.call('ZCARD', {key}) >= tonumber({cap}) then return 0 end
+redis.call('ZADD', {key}, now + tonumber({seconds}), {lease})
+redis.call('EXPIRE', {key}, tonumber({seconds}) + 1)
 return 1
 """
+
+
+_ACQUIRE = _acquire_script("KEYS[1]", "ARGV[1]", "ARGV[2]", "ARGV[3]")
+
+
+@functools.lru_cache(maxsize=8)
+def _acquire_after(script: str, keys: int, args: int) -> str:
+    """One script: `script` (its `keys` keys and `args` arguments first) runs, and only if it
+    returns true a lease is taken (the key and arguments after its own); returns {1 or 0, 1 or 0}."""
+    slot = _acquire_script(f"KEYS[{keys + 1}]", f"ARGV[{args + 1}]", f"ARGV[{args + 2}]", f"ARGV[{args + 3}]")
+    return (f"local function passes()\n{script}\nend\nif not passes() then return {{0, 0}} end\n"
+            f"local function take()\n{slot}\nend\nreturn {{1, take()}}\n")
+
+
 # Renews leases still held (XX: a lease that already lapsed is not brought back).
 _RENEW = """
 local clock = redis.call('TIME')
@@ -200,25 +217,18 @@ class LeasedSlots(_Slots):
             return None
         return self._held_lease(client, key, lease)
 
-    def acquire_after(self, client: str, cap: int, script: str, keys: list[str], args: list) -> tuple[object, Release | None]:
+    def acquire_after(self, client: str, cap: int, script: str, keys: list[str],
+                      args: list) -> tuple[bool, Release | None]:
         """acquire() for a request that a script must pass first (its count against its rate
-        budget), both in one round trip: a command to Redis costs about 120 µs of CPU, most of it
-        the client's. Returns the script's result, and the slot if that result is true and a slot
-        was free (one taken by a request the script refused goes back at once)."""
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.eval(script, len(keys), *keys, *args)
-        take = not self._line.busy(client)
-        if take:
-            key, lease = self._new_lease(client)
-            pipe.eval(_ACQUIRE, 1, key, cap, LEASE_SECONDS, lease)
-        results = pipe.execute()
-        if not take or not results[1]:
-            return results[0], None
-        release = self._held_lease(client, key, lease)
-        if not results[0]:
-            release()
-            return results[0], None
-        return results[0], release
+        budget), both in one round trip and one script, so that no refused request holds a slot
+        even for a moment: a command to Redis costs about 120 µs of CPU, most of it the client's.
+        Returns whether the script passed, and the slot if one was free."""
+        if self._line.busy(client):  # (no slot past this worker's line: the request joins it)
+            return bool(self._redis.eval(script, len(keys), *keys, *args)), None
+        key, lease = self._new_lease(client)
+        passed, took = self._redis.eval(_acquire_after(script, len(keys), len(args)), len(keys) + 1,
+                                        *keys, key, *args, cap, LEASE_SECONDS, lease)
+        return bool(passed), self._held_lease(client, key, lease) if took else None
 
     def _new_lease(self, client: str) -> tuple[str, str]:
         return f"dce-slots/{client}", f"{os.getpid()}-{id(self)}-{next(self._ids)}"

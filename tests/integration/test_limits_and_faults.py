@@ -190,7 +190,7 @@ def test_a_requests_rate_count_and_its_slot_go_to_redis_together_and_hold_as_bef
     result = json.loads(out)
     assert result["taken"] == [[True, True], [True, True], [True, False], [False, False], [False, False]]
     assert result["left"] == 0 and result["held"] == 2 and result["freed"] == 0
-    assert result["after_refusal"] == 0  # a slot taken by a refused request went back at once
+    assert result["after_refusal"] == 0  # a request its rate refused takes no slot, even with slots free
     assert result["refusal"][0] == 429 and "Rate limit exceeded (3 per 1 minute)" in result["refusal"][1]
 
 

@@ -142,6 +142,14 @@ def test_rate_limit_is_one_budget_across_routes(make_app):
                                headers=bearer(ALICE_KEY)))
 
 
+def test_an_options_request_to_a_generation_route_counts_too(make_app):
+    # Flask answers it without calling the view, where a generation request is counted.
+    c = make_app(DCE_RATE_LIMIT="2/minute").test_client()
+    for _ in range(2):
+        assert c.options("/v1/chat/completions", headers=bearer(ALICE_KEY)).status_code == 200
+    assert_rate_limited(c.options("/v1/chat/completions", headers=bearer(ALICE_KEY)))
+
+
 STREAMS = {
     "/api/dce/proxy": {"messages": [{"role": "user", "content": "hi"}], "stream": True},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "stream": True},

@@ -1,5 +1,5 @@
 """Runs inside the proxy container: a request's count against its rate budget and its generation
-slot, sent to the stack's Redis in one round trip (slots.py's acquire_after, as limits.py's
+slot, sent to the stack's Redis as one script (slots.py's acquire_after, as limits.py's
 _take_slot sends them), for a client of its own with a budget of 3 requests and a cap of 2 slots.
 Prints one JSON line: per request whether it was counted and got a slot; what limits' own reading
 of the window says is left; the leases held before and after they were freed; the refusal."""
