@@ -73,11 +73,8 @@ class SentRequest:
         try:
             early = self._read_head(parsed)
         except (_NoAnswer, *_STALE_CONNECTION):
-            if parsed.received:
-                self.close()
-                raise self._not_there(_NOT_REACHABLE) from None
             self.close()
-            if self._resent:
+            if parsed.received or self._resent:  # (vLLM had begun answering, or this was the resend)
                 raise self._not_there(_NOT_REACHABLE) from None
             self._resent = True
             self._send()
