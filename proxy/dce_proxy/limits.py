@@ -23,7 +23,7 @@ from .errors import ApiError, limits_store_unavailable, too_many
 from .metrics import QUEUE_WAITING, key_label
 from .moving_window import LocalMovingWindow
 from .record import current_record
-from .slots import REDIS_TIMEOUTS, LeasedSlots, LocalSlots, Release, Ticket, slot_store
+from .slots import REDIS_OPTIONS, LeasedSlots, LocalSlots, Release, Ticket, slot_store
 
 # A finished stream frees its slot at once; this only tells clients when to look again.
 _SLOT_RETRY_AFTER = 2
@@ -59,7 +59,7 @@ class RateLimits:
         if storage_uri.startswith("memory://"):
             self._window: LocalMovingWindow | MovingWindowRateLimiter = LocalMovingWindow()
         else:
-            options = REDIS_TIMEOUTS if in_redis(storage_uri) else {}
+            options = REDIS_OPTIONS if in_redis(storage_uri) else {}
             storage = storage_from_string(storage_uri, **options)
             self._window = MovingWindowRateLimiter(storage)
             self._redis = storage if isinstance(storage, RedisStorage) else None

@@ -26,9 +26,12 @@ Release = Callable[[], None]
 # must not lose the leases of streams it still runs, which would let its key past its cap.
 LEASE_SECONDS = 60
 _RENEW_EVERY_SECONDS = 5
-# Every talk with Redis (slots here, rate limits in limits.py) gives up after this: a Redis that stopped
-# answering is then a 503 (limits_store_unavailable), never a request that hangs with nothing sent.
-REDIS_TIMEOUTS = {"socket_timeout": 2, "socket_connect_timeout": 2}
+# How the workers talk with Redis (slots here, rate limits in limits.py). They give up after 2 s: a
+# Redis that stopped answering is then a 503 (limits_store_unavailable), never a request that hangs
+# with nothing sent. A new connection does not name its library (CLIENT SETINFO): the Redis deployed
+# (Debian's 7.0) does not know that command, so each new connection cost two round trips answered
+# with errors, a burst of streams opens hundreds, and the errors filled Redis's error count.
+REDIS_OPTIONS = {"socket_timeout": 2, "socket_connect_timeout": 2, "driver_info": None}
 # How often the first request of a line asks again for a slot that may have been freed elsewhere.
 _RETRY_SECONDS = 0.2
 
@@ -203,7 +206,7 @@ class LeasedSlots(_Slots):
 
     def __init__(self, uri: str):
         super().__init__()
-        self._redis = redis.Redis.from_url(uri, **REDIS_TIMEOUTS)
+        self._redis = redis.Redis.from_url(uri, **REDIS_OPTIONS)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
         self._held: dict[str, str] = {}  # lease id -> Redis key
