@@ -98,8 +98,9 @@ class Passthrough(_ChatEvents):
 
     def _relayed(self, events: bytes) -> bytes:
         count_text_events(events, self._record)
-        if USAGE_KEY.search(events):
-            events = b"".join(self._usage_read(event) for event in split_whole(events))
+        if USAGE_KEY.search(events):  # (only the events that hold it are decoded: reads coalesce)
+            events = b"".join(self._usage_read(event) if USAGE_KEY.search(event) else event
+                              for event in split_whole(events))
         self.failed = self.failed or _VLLM_ERROR_EVENT.found_in(events)
         self.complete = self.complete or has_done(events)
         return events

@@ -57,6 +57,15 @@ def test_passthrough_sends_whole_events_byte_for_byte_however_the_reads_fall(ask
         assert (record.prompt_tokens, record.completion_tokens, record.tokens_exact, record.text_events) == (7, 3, True, 3)
 
 
+def test_passthrough_decodes_only_vllms_usage_event_of_a_read_that_holds_many(monkeypatch):
+    decoded = []
+    monkeypatch.setattr(relay, "event_json", lambda data: decoded.append(data) or json.loads(data))
+    passthrough, record = _passthrough()
+    assert passthrough.feed(STREAM) == STREAM.replace(data_event(USAGE), b"")
+    assert decoded == [data_event(USAGE)[len(b"data: "):-2]]
+    assert (record.prompt_tokens, record.completion_tokens) == (7, 3)
+
+
 def test_quoted_done_and_error_in_the_text_are_only_text():
     quoted = data_event(_chunk('data: [DONE]\n\n')) + data_event(_chunk('{"error": {"x": 1}}'))
     relay, record = _passthrough()
