@@ -94,18 +94,11 @@ def child_exit(server, worker):
 callback_seconds = 0.05
 
 
-# With several workers, gunicorn's gevent worker accepts one connection per turn of its loop (so
-# that one worker does not take a burst of connections the others could share). A worker relaying
-# hundreds of streams takes tens of milliseconds per turn, so a burst of new streams (20 tabs
-# through Caddy, each on a new connection) waited turn after turn, its requests unread in the
-# kernel's queue. make bench's 1,000 streams with 2 workers: requests still unread 9.5 s after they
-# were sent, a TTFT p99 of 4.2-9.6 s and 559-986 streams open at once (six runs). Up to 16 per turn:
-# none unread after 1.4-2.2 s, a TTFT p99 of 1.3-5.8 s (ten runs; the rest is the two workers' share
-# of two cores) and all 1,000 open in eight of ten. Through Caddy, which opens a connection to the
-# proxy per stream, two runs each: TTFT p50 6.4 s to 1.5 s, p99 14.6 s to 5 s, 350 to 800 open at
-# once. Not more, to keep a load's new connections spread over the workers: with gevent's own 100 or
-# with 50, one worker served two thirds or more of the JSON requests of wrk's 32 connections in 3 of
-# 5 runs; with 16, in 1 of 5.
+# With several workers, gunicorn's gevent worker accepts one connection per turn of its loop, and a
+# worker relaying hundreds of streams takes tens of milliseconds per turn: a burst of new streams
+# (each of Caddy's on a connection of its own) waited seconds unaccepted (make bench, 2 workers, 1,000
+# streams: TTFT p99 4-10 s, through Caddy 14.6 s; with 16, 1.3-5.8 s and 5 s). Not gevent's own 100:
+# one worker then took most of a load's new connections, which the others could have shared.
 accepts_per_turn = 16
 
 

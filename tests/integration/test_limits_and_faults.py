@@ -192,7 +192,8 @@ def test_a_requests_rate_count_and_its_slot_go_to_redis_together_and_hold_as_bef
     assert result["left"] == 0 and result["held"] == 2 and result["freed"] == 0
     assert result["after_refusal"] == 0  # a request its rate refused takes no slot, even with slots free
     assert result["refusal"][0] == 429 and "Rate limit exceeded (3 per 1 minute)" in result["refusal"][1]
-    # The workers' new connections to Redis (Debian's 7.0) send nothing it answers with an error.
+    # The proxy's Redis clients, as the workers build them, send Redis (Debian's 7.0) nothing it
+    # answers with an error (the count is the server's: nothing else talks to it meanwhile).
     assert result["redis_errors"] == 0
 
 

@@ -10,6 +10,7 @@ from limits import parse
 
 from dce_proxy.errors import ApiError
 from dce_proxy.limits import RateLimits
+from dce_proxy.slots import LeasedSlots
 from unit_helpers import ALICE_KEY, BOB_KEY, assert_error, bearer
 
 BODY = {"prompt": "hi"}
@@ -182,3 +183,12 @@ def test_the_slot_is_held_while_the_stream_runs(make_app, fake_vllm):
     first.close()
     fake_vllm.hold_stream.set()
     assert completions(c, bearer(ALICE_KEY)).status_code == 200
+
+
+def test_the_proxys_redis_clients_do_not_name_their_library_to_redis():
+    # CLIENT SETINFO: the Redis deployed (Debian's 7.0) answers it with an error, two round trips
+    # more per new connection (the integration suite counts Redis's errors on the real one).
+    uri = "redis://127.0.0.1:9/0"  # nothing listens: making a connection object does not connect
+    limits_client = RateLimits(uri, "10/minute", "10/minute")._redis.storage
+    for client in (limits_client, LeasedSlots(uri)._redis):
+        assert client.connection_pool.make_connection().driver_info is None

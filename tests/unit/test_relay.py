@@ -59,7 +59,8 @@ def test_passthrough_sends_whole_events_byte_for_byte_however_the_reads_fall(ask
 
 def test_passthrough_decodes_only_vllms_usage_event_of_a_read_that_holds_many(monkeypatch):
     decoded = []
-    monkeypatch.setattr(relay, "event_json", lambda data: decoded.append(data) or json.loads(data))
+    decode = relay.event_json
+    monkeypatch.setattr(relay, "event_json", lambda data: decoded.append(data) or decode(data))
     passthrough, record = _passthrough()
     assert passthrough.feed(STREAM) == STREAM.replace(data_event(USAGE), b"")
     assert decoded == [data_event(USAGE)[len(b"data: "):-2]]

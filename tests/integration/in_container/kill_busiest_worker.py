@@ -136,7 +136,7 @@ for i in by_worker[victim]:
 killed.set()
 os.kill(victim, signal.SIGKILL)
 with open("/run/secrets/limits_password") as secret:  # the proxy's own, as compose.scale.yaml gives it
-    leases = redis.Redis(host="limits", password=secret.read().strip()).eval(LIVE_LEASES, 1, SLOTS_KEY)
+    leases = redis.Redis(host="limits", password=secret.read().strip(), driver_info=None).eval(LIVE_LEASES, 1, SLOTS_KEY)
 for stream in streams:
     stream.join(600)
 print(json.dumps({"workers": by_worker, "victim": victim, "leases_after_kill": leases, "dropped": dropped,

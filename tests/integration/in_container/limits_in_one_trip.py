@@ -39,7 +39,7 @@ counted, release = slots.acquire_after(client, cap, *rates.count_script(client))
 taken.append([bool(counted), release is not None])
 refusal = rates.refusal(client)
 redis_errors = errors() - errors_before
-left = MovingWindowRateLimiter(storage_from_string(uri)).get_window_stats(parse(budget), "requests", client).remaining
+left = MovingWindowRateLimiter(storage_from_string(uri, **REDIS_OPTIONS)).get_window_stats(parse(budget), "requests", client).remaining
 print(json.dumps({"taken": taken, "left": left, "held": held, "freed": freed, "after_refusal": leases(),
                   "refusal": [refusal.status, refusal.message],
                   "redis_errors": redis_errors}))
