@@ -3,6 +3,7 @@ first-come-first-served line of requests waiting for one."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import logging
@@ -90,13 +91,19 @@ class SharedTrips:
     """Sends the commands that this worker's requests ask for at about the same time to Redis as one
     pipeline, in one round trip, and gives each request its own reply. A command costs about 120 µs
     of CPU, most of it the round trip's (redis-py's and the kernel's), and a busy worker asks for
-    dozens at once: every stream of a burst takes a slot, every answer frees one."""
+    dozens at once: every stream of a burst takes a slot, every answer frees one.
+
+    A trip lost on the way (Redis gone mid-pipeline) fails every request in it with a 503; leases that
+    Redis may have taken for them lapse within LEASE_SECONDS, as a killed worker's do. A lost trip is
+    never sent again: the clients of redis.from_url do not retry, and a trip sent twice would run its
+    scripts twice."""
 
     def __init__(self, client: redis.Redis):
         self._redis = client
         self._asked: deque[_Asked] = deque()
         self._ready = threading.Event()
         self._sender: threading.Thread | None = None
+        self._starting = threading.Lock()
 
     def call(self, *command):
         """Redis's reply to `command`, sent with whatever else was asked meanwhile; its error raised."""
@@ -111,16 +118,22 @@ class SharedTrips:
         return asked.reply
 
     def _start_sender(self):
-        # Started on first use, in the worker that asks (gunicorn forks after import).
-        if self._sender is None or not self._sender.is_alive():
-            self._sender = threading.Thread(target=self._send_forever, name="dce-redis-trips", daemon=True)
-            self._sender.start()
+        # Started on first use, in the worker that asks (gunicorn forks after import). One only: a
+        # thread is not alive until it has started, and starting one lets other requests run.
+        if self._sender is not None and self._sender.is_alive():
+            return
+        with self._starting:
+            if self._sender is None or not self._sender.is_alive():
+                self._sender = threading.Thread(target=self._send_forever, name="dce-redis-trips", daemon=True)
+                self._sender.start()
 
     def _send_forever(self):
         while True:
             self._ready.wait()
             self._ready.clear()
-            batch = [self._asked.popleft() for _ in range(len(self._asked))]
+            batch = []
+            while self._asked:
+                batch.append(self._asked.popleft())
             if batch:
                 self._send(batch)
 
@@ -131,7 +144,8 @@ class SharedTrips:
         try:
             replies = pipe.execute(raise_on_error=False)
         except Exception as error:  # (the sender must outlive any error: every request waits on it)
-            replies = [error] * len(batch)
+            # One error object each: raised once per request, its traceback stays one request's.
+            replies = [copy.copy(error) for _ in batch]
         finally:
             pipe.reset()
         for asked, reply in zip(batch, replies):

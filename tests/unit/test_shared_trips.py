@@ -1,11 +1,10 @@
 """slots.SharedTrips: the Redis commands a worker's requests ask for meanwhile go as one pipeline,
 and each request gets its own reply or error. Redis is a recording stand-in here; the integration
-suite runs every slot and rate count of its two workers through the real one."""
+suite takes and frees every slot of its two workers through the real one."""
 
 import threading
 import time
 
-import pytest
 import redis
 
 from dce_proxy.slots import SharedTrips
@@ -29,11 +28,13 @@ class _Pipeline:
 
 class _RecordingRedis:
     """Answers each command with its last argument, or with what `answer` says; records each trip.
-    The first trip waits until `first_trip_may_end` is set."""
+    A trip waits while `may_answer` is clear; while `lose_trips` is set, a trip is lost."""
 
     def __init__(self, answer=None):
         self.trips: list[list[tuple]] = []
-        self.first_trip_may_end = threading.Event()
+        self.may_answer = threading.Event()
+        self.may_answer.set()
+        self.lose_trips = False
         self._answer = answer or (lambda command: command[-1])
 
     def pipeline(self, transaction=True):
@@ -42,8 +43,9 @@ class _RecordingRedis:
 
     def trip(self, commands):
         self.trips.append(list(commands))
-        if len(self.trips) == 1:
-            self.first_trip_may_end.wait(10)
+        self.may_answer.wait(10)
+        if self.lose_trips:
+            raise redis.ConnectionError("Redis went away")
         return [self._answer(command) for command in commands]
 
 
@@ -52,6 +54,22 @@ def _until(state, what: str):
     while not state():
         assert time.monotonic() < deadline, what
         time.sleep(0.001)
+
+
+def _ask_while_a_trip_is_out(server: _RecordingRedis, trips: SharedTrips, first: tuple, others: list[tuple],
+                             replies: dict) -> list[threading.Thread]:
+    """`first` goes alone; `others` are asked while its trip is out; then Redis answers."""
+    server.may_answer.clear()
+    sent = len(server.trips)
+    threads = [_ask(trips, first, replies)]
+    _until(lambda: len(server.trips) > sent, "the first command was not sent")
+    threads += [_ask(trips, command, replies) for command in others]
+    _until(lambda: len(trips._asked) == len(others), "the other requests did not ask")
+    server.may_answer.set()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive(), "a request got no reply"
+    return threads
 
 
 def _ask(trips: SharedTrips, command: tuple, replies: dict):
@@ -68,13 +86,8 @@ def _ask(trips: SharedTrips, command: tuple, replies: dict):
 def test_commands_asked_while_a_trip_is_out_go_together_in_the_next_one():
     server = _RecordingRedis()
     trips, replies = SharedTrips(server), {}
-    first = _ask(trips, ("ZREM", "dce-slots/a", "lease-0"), replies)
-    _until(lambda: server.trips, "the first command was not sent")
-    waiting = [_ask(trips, ("ZREM", "dce-slots/b", f"lease-{i}"), replies) for i in range(1, 6)]
-    _until(lambda: len(trips._asked) == 5, "the other requests did not ask")
-    server.first_trip_may_end.set()
-    for thread in (first, *waiting):
-        thread.join(10)
+    _ask_while_a_trip_is_out(server, trips, ("ZREM", "dce-slots/a", "lease-0"),
+                             [("ZREM", "dce-slots/b", f"lease-{i}") for i in range(1, 6)], replies)
     assert [len(trip) for trip in server.trips] == [1, 5]
     assert {command[-1]: reply for command, reply in replies.items()} == {f"lease-{i}": f"lease-{i}" for i in range(6)}
 
@@ -84,17 +97,40 @@ def test_a_commands_error_is_its_own_requests_and_a_lost_trip_fails_all_of_its_r
         return redis.ResponseError("WRONGTYPE") if command[1] == "bad" else command[-1]
 
     server = _RecordingRedis(answer)
-    server.first_trip_may_end.set()
-    trips = SharedTrips(server)
-    with pytest.raises(redis.ResponseError):
-        trips.call("ZREM", "bad", "lease")
-    assert trips.call("ZREM", "good", "lease") == "lease"
+    trips, replies = SharedTrips(server), {}
+    _ask_while_a_trip_is_out(server, trips, ("ZREM", "first", "lease-0"),
+                             [("ZREM", "bad", "lease-1"), ("ZREM", "good", "lease-2")], replies)
+    assert [len(trip) for trip in server.trips] == [1, 2]
+    assert isinstance(replies[("ZREM", "bad", "lease-1")], redis.ResponseError)
+    assert replies[("ZREM", "good", "lease-2")] == "lease-2"
 
-    def lost(commands):
-        raise redis.ConnectionError("Redis went away")
-
-    server.trip = lost
-    with pytest.raises(redis.ConnectionError):
-        trips.call("ZREM", "good", "lease")
-    server.trip = lambda commands: [command[-1] for command in commands]
+    server.lose_trips, replies = True, {}
+    _ask_while_a_trip_is_out(server, trips, ("ZREM", "good", "lost-0"),
+                             [("ZREM", "good", f"lost-{i}") for i in range(1, 4)], replies)
+    assert [len(trip) for trip in server.trips[2:]] == [1, 3]
+    errors = list(replies.values())
+    assert len(errors) == 4 and all(isinstance(error, redis.ConnectionError) for error in errors)
+    assert len({id(error) for error in errors}) == 4  # each raised once: no request's frames pile up on another's
+    server.lose_trips = False
     assert trips.call("ZREM", "good", "again") == "again"  # the sender outlived the lost trip
+
+
+def test_requests_that_ask_first_all_at_once_start_one_sender():
+    def senders():
+        return sum(thread.name == "dce-redis-trips" for thread in threading.enumerate())
+
+    server = _RecordingRedis()
+    trips, replies, before = SharedTrips(server), {}, senders()
+    start = threading.Barrier(16)
+
+    def ask(i):
+        start.wait(10)
+        replies[i] = trips.call("ZREM", "dce-slots/a", f"lease-{i}")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert replies == {i: f"lease-{i}" for i in range(16)}
+    assert senders() - before == 1
