@@ -23,7 +23,8 @@ from .errors import ApiError, limits_store_unavailable, too_many
 from .metrics import QUEUE_WAITING, key_label
 from .moving_window import LocalMovingWindow
 from .record import current_record
-from .slots import REDIS_OPTIONS, LeasedSlots, LocalSlots, Release, Ticket, slot_store
+from .shared_trips import REDIS_OPTIONS
+from .slots import LeasedSlots, LocalSlots, Release, Ticket, slot_store
 
 # A finished stream frees its slot at once; this only tells clients when to look again.
 _SLOT_RETRY_AFTER = 2

@@ -1,4 +1,4 @@
-"""slots.SharedTrips: the Redis commands a worker's requests ask for meanwhile go as one pipeline,
+"""shared_trips.SharedTrips: the Redis commands a worker's requests ask for meanwhile go as one pipeline,
 and each request gets its own reply or error. Redis is a recording stand-in here; the integration
 suite takes and frees every slot of its two workers through the real one."""
 
@@ -7,7 +7,7 @@ import time
 
 import redis
 
-from dce_proxy.slots import SharedTrips
+from dce_proxy.shared_trips import SharedTrips
 
 
 class _Pipeline:

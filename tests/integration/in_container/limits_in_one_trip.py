@@ -15,7 +15,8 @@ from limits.strategies import MovingWindowRateLimiter
 
 from dce_proxy.config import load_settings
 from dce_proxy.limits import RateLimits
-from dce_proxy.slots import REDIS_OPTIONS, LeasedSlots
+from dce_proxy.shared_trips import REDIS_OPTIONS
+from dce_proxy.slots import LeasedSlots
 
 uri = load_settings().ratelimit_storage_uri
 observer = redis.Redis.from_url(uri, **REDIS_OPTIONS)
