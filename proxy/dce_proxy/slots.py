@@ -203,7 +203,6 @@ class LeasedSlots(_Slots):
         super().__init__()
         self._redis = redis.Redis.from_url(uri, **REDIS_OPTIONS)
         self._trips = SharedTrips(self._redis)
-        self._renew = self._redis.register_script(_RENEW)
         self._held: dict[str, str] = {}  # lease id -> Redis key
         self._ids = itertools.count()
         self._renewer: threading.Thread | None = None
@@ -254,13 +253,18 @@ class LeasedSlots(_Slots):
     def _renew_forever(self):
         while True:
             time.sleep(_RENEW_EVERY_SECONDS)
-            held = dict(self._held)
-            if not held:
-                continue
-            try:
-                self._renew(keys=list(held.values()), args=[LEASE_SECONDS, *held])
-            except redis.RedisError:
-                log.warning("could not renew %d slot lease(s) in Redis", len(held))
+            self._renew_held()
+
+    def _renew_held(self):
+        held = dict(self._held)
+        if not held:
+            return
+        try:
+            # EVAL, as every slot command: redis-py's EVALSHA is first refused (NOSCRIPT) by a
+            # Redis that has not seen the script, an error reply in its count with nothing wrong.
+            self._redis.eval(_RENEW, len(held), *held.values(), LEASE_SECONDS, *held)
+        except redis.RedisError:
+            log.warning("could not renew %d slot lease(s) in Redis", len(held))
 
 
 def slot_store(storage_uri: str) -> LocalSlots | LeasedSlots:

@@ -5,12 +5,13 @@ import socket
 import threading
 
 import pytest
+import redis
 
 from limits import parse
 
 from dce_proxy.errors import ApiError
 from dce_proxy.limits import RateLimits
-from dce_proxy.slots import LeasedSlots
+from dce_proxy.slots import LEASE_SECONDS, LeasedSlots
 from unit_helpers import ALICE_KEY, BOB_KEY, assert_error, bearer
 
 BODY = {"prompt": "hi"}
@@ -192,3 +193,29 @@ def test_the_proxys_redis_clients_do_not_name_their_library_to_redis():
     limits_client = RateLimits(uri, "10/minute", "10/minute")._redis.storage
     for client in (limits_client, LeasedSlots(uri)._redis):
         assert client.connection_pool.make_connection().driver_info is None
+
+
+class _FreshRedis:
+    """Stands in for a Redis that has not seen any script: EVALSHA is refused (NOSCRIPT)."""
+
+    def __init__(self):
+        self.commands, self.refused = [], 0
+
+    def execute_command(self, *command, **options):
+        self.commands.append(command)
+        if command[0] == "EVALSHA":
+            self.refused += 1
+            raise redis.exceptions.NoScriptError("No matching script")
+        return len(command)
+
+
+def test_renewing_slot_leases_draws_no_error_reply_from_redis():
+    # Redis's error count is what an operator watches; a renewal must not add to it with nothing wrong.
+    slots = LeasedSlots("redis://127.0.0.1:9/0")  # nothing listens: the client is replaced below
+    server = _FreshRedis()
+    slots._redis.execute_command = server.execute_command
+    slots._held.update({"lease-1": "dce-slots/alice", "lease-2": "dce-slots/bob"})
+    slots._renew_held()
+    assert server.refused == 0
+    assert [command[0] for command in server.commands] == ["EVAL"]
+    assert server.commands[0][2:] == (2, "dce-slots/alice", "dce-slots/bob", LEASE_SECONDS, "lease-1", "lease-2")
