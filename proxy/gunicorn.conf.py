@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 
 from gevent.server import StreamServer
 from gunicorn.workers import ggevent
@@ -120,6 +121,14 @@ class _BurstAcceptingServer(StreamServer):
 def post_fork(server, worker):
     sys.setswitchinterval(callback_seconds)
     ggevent.StreamServer = _BurstAcceptingServer  # (the name GeventWorker.run makes its servers with)
+
+
+def worker_abort(worker):
+    # gunicorn aborts a worker that missed its heartbeat (timeout): in a gevent worker, code that ran
+    # without a turn for the others or a call that blocked the process. This handler runs on top of
+    # that code: where it was is what an operator needs (code only, no values: no prompt, no key).
+    where = "".join(traceback.format_stack()[:-2])  # (without gunicorn's handler and this function)
+    worker.log.critical("worker %s missed its heartbeat and is stopped; it was running:\n%s", worker.pid, where)
 
 
 def post_worker_init(worker):

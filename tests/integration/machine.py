@@ -6,7 +6,7 @@ waited 50 s. A failure then says little about the product unless the report also
 machine was working: how long every task waited on the disk at once (Linux PSI "io full"), how many
 pages had to be read back from disk (the VM's DAMON reclaimer pages out file pages idle for 60 s),
 how late this test process's own clock ticks came, and whether the proxy's workers were killed for
-a missed heartbeat.
+a missed heartbeat, and where each was.
 """
 
 from __future__ import annotations
@@ -86,7 +86,21 @@ class Watch:
                 f"tasks waited for a CPU {end.cpu_some - start.cpu_some:.1f} s, "
                 f"{end.major_faults - start.major_faults} pages read back from disk, "
                 f"this process's 0.1-s ticks up to {self.worst_tick_late:.1f} s late, "
-                f"proxy workers killed for a missed heartbeat: {worker_timeouts}") + _warnings(proxy_log)
+                f"proxy workers killed for a missed heartbeat: {worker_timeouts}") + _warnings(proxy_log) + "".join(f"\n{where}" for where in where_workers_stuck(proxy_log))
+
+
+def where_workers_stuck(proxy_log: str) -> list[str]:
+    """Where each worker stopped for a missed heartbeat was (gunicorn.conf.py's worker_abort logs it)."""
+    found, lines = [], proxy_log.splitlines()
+    for i, line in enumerate(lines):
+        if "missed its heartbeat" in line:
+            where = [line]
+            for following in lines[i + 1:i + 41]:
+                if not following.startswith(" "):
+                    break
+                where.append(following)
+            found.append("\n".join(where))
+    return found
 
 
 def _warnings(proxy_log: str) -> str:

@@ -7,6 +7,7 @@ import re
 import ssl
 import threading
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -15,6 +16,7 @@ import figures
 import pytest
 
 from dce_proxy.slots import LEASE_SECONDS
+from machine import where_workers_stuck
 from stack import LONG_STREAM_TOKENS
 from wire import extension_body, open_held_tab, post_like_extension, wait_until
 
@@ -206,6 +208,7 @@ _EVENTS_AFTER_KILL = 100
 @pytest.mark.disruptive
 def test_killed_proxy_worker_spares_the_other_workers_streams_and_its_slots_come_back(stack):
     body = extension_body("Keep going.", max_tokens=LONG_STREAM_TOKENS, ignore_eos=True)
+    started = time.time()
     code, out = stack.exec_python(
         "proxy", _KILL_BUSIEST_WORKER, f"/k/{stack.load_keys[0]}/api/dce/proxy", json.dumps(body), str(CAP),
         str(_STREAMS_PER_WORKER), str(_EVENTS_AFTER_KILL), "dce-slots/load0")
@@ -214,14 +217,23 @@ def test_killed_proxy_worker_spares_the_other_workers_streams_and_its_slots_come
     figures.add("retries", killed["dropped"])  # streams opened again to reach the other worker
     held = {int(pid): streams for pid, streams in killed["workers"].items()}
     assert len(held) == 2, held  # the test stack runs two workers
-    # The precondition, checked rather than hoped for: both workers held streams when one was killed.
-    assert all(len(streams) >= _STREAMS_PER_WORKER for streams in held.values()), \
-        f"{CAP} streams did not reach both workers: {held}"
     victim = killed["victim"]
-    endings = Counter((stream["worker"] == victim, stream["ending"]) for stream in killed["streams"])
+    at_kill = [stream for stream in killed["streams"] if not stream["before_kill"]]
+    if len(at_kill) < len(killed["streams"]):
+        # A stream that ended before the kill lost its worker otherwise. Only gunicorn stopping a
+        # worker that missed its heartbeat is excused (these machines have stalled whole stacks for a
+        # minute, issue 10), and shown with where that worker was; it is not what this test tests.
+        log = stack.container("proxy").logs(since=started).decode(errors="replace")
+        assert "WORKER TIMEOUT" in log, ("streams ended before the kill, and no worker missed its heartbeat", killed)
+        warnings.warn("gunicorn stopped a proxy worker that missed its heartbeat before the kill; its streams "
+                      "are left out" + "".join(f"\n{where}" for where in where_workers_stuck(log)))
+    # The precondition, checked rather than hoped for: both workers held streams when one was killed.
+    on_victim = sum(stream["worker"] == victim for stream in at_kill)
+    assert on_victim >= _STREAMS_PER_WORKER and len(at_kill) - on_victim >= _STREAMS_PER_WORKER, \
+        f"{CAP} streams did not reach both workers: {killed}"
+    endings = Counter((stream["worker"] == victim, stream["ending"]) for stream in at_kill)
     # The killed worker's streams broke off; every other stream went on.
-    assert endings == {(True, "cut"): len(held[victim]),
-                       (False, "continued"): len(killed["streams"]) - len(held[victim])}, (endings, killed)
+    assert endings == {(True, "cut"): on_victim, (False, "continued"): len(at_kill) - on_victim}, (endings, killed)
 
     # A new worker takes over. The dead worker could not free its slots (they outlived it in Redis);
     # their leases lapse without anyone's help, and the key has its whole cap again.

@@ -12,7 +12,7 @@ until its connection ends (what the kernel had buffered may still come); any oth
 more events, then it is closed.
 
 Prints one JSON object: {"workers": {pid: [stream ids]}, "victim", "leases_after_kill", "dropped", "streams":
-[{"worker", "events", "after_kill", "ending"}]} with ending "continued" | "cut" | "done" | "error".
+[{"worker", "events", "after_kill", "ending", "before_kill"}]} with ending "continued" | "cut" | "done" | "error".
 """
 
 import http.client
@@ -38,6 +38,7 @@ class Stream(threading.Thread):
         self.events = self.after_kill = 0
         self.ending = None
         self.on_victim = False  # set before the kill: such a stream is read to its end
+        self.before_kill = False  # it ended before the kill (its worker was lost some other way)
         self.connection = http.client.HTTPConnection("127.0.0.1", 8000, timeout=600)
         self.connection.request("POST", PATH, BODY, {"Content-Type": "application/json"})
         self.socket = self.connection.sock  # kept: the test may shut it down from another thread
@@ -65,6 +66,7 @@ class Stream(threading.Thread):
         except (OSError, http.client.HTTPException):
             self.ending = self.ending or "cut"
         finally:
+            self.before_kill = not killed.is_set()
             self.streaming.set()
             self.connection.close()
 
@@ -140,5 +142,6 @@ with open("/run/secrets/limits_password") as secret:  # the proxy's own, as comp
 for stream in streams:
     stream.join(600)
 print(json.dumps({"workers": by_worker, "victim": victim, "leases_after_kill": leases, "dropped": dropped,
-                  "streams": [{"worker": held[i], "events": s.events, "after_kill": s.after_kill, "ending": s.ending}
+                  "streams": [{"worker": held[i], "events": s.events, "after_kill": s.after_kill, "ending": s.ending,
+                               "before_kill": s.before_kill}
                               for i, s in enumerate(streams)]}))
