@@ -86,16 +86,18 @@ class Watch:
                 f"tasks waited for a CPU {end.cpu_some - start.cpu_some:.1f} s, "
                 f"{end.major_faults - start.major_faults} pages read back from disk, "
                 f"this process's 0.1-s ticks up to {self.worst_tick_late:.1f} s late, "
-                f"proxy workers killed for a missed heartbeat: {worker_timeouts}") + _warnings(proxy_log) + "".join(f"\n{where}" for where in where_workers_stuck(proxy_log))
+                f"proxy workers killed for a missed heartbeat: {worker_timeouts}") + _warnings(proxy_log) + \
+            "".join(f"\n{where}" for where in where_workers_stuck(proxy_log))
 
 
 def where_workers_stuck(proxy_log: str) -> list[str]:
-    """Where each worker stopped for a missed heartbeat was (gunicorn.conf.py's worker_abort logs it)."""
+    """Where each worker stopped for a missed heartbeat was (gunicorn.conf.py's worker_abort logs the
+    stack of the code it was running, innermost last; on a starved machine that may be the hub's)."""
     found, lines = [], proxy_log.splitlines()
     for i, line in enumerate(lines):
         if "missed its heartbeat" in line:
             where = [line]
-            for following in lines[i + 1:i + 41]:
+            for following in lines[i + 1:]:
                 if not following.startswith(" "):
                     break
                 where.append(following)

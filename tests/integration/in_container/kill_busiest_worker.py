@@ -39,6 +39,7 @@ class Stream(threading.Thread):
         self.ending = None
         self.on_victim = False  # set before the kill: such a stream is read to its end
         self.before_kill = False  # it ended before the kill (its worker was lost some other way)
+        self.worker = None  # the worker that held it when it was kept (read again at the end if unseen)
         self.connection = http.client.HTTPConnection("127.0.0.1", 8000, timeout=600)
         self.connection.request("POST", PATH, BODY, {"Content-Type": "application/json"})
         self.socket = self.connection.sock  # kept: the test may shut it down from another thread
@@ -127,6 +128,7 @@ while True:
         stream.join(60)
         dropped += 1
         continue
+    stream.worker = owner
     streams.append(stream)
     held, by_worker = streams_by_worker(streams)
     if len(streams) >= MOST or all(len(ids) >= EACH for ids in by_worker.values()):
@@ -142,6 +144,6 @@ with open("/run/secrets/limits_password") as secret:  # the proxy's own, as comp
 for stream in streams:
     stream.join(600)
 print(json.dumps({"workers": by_worker, "victim": victim, "leases_after_kill": leases, "dropped": dropped,
-                  "streams": [{"worker": held[i], "events": s.events, "after_kill": s.after_kill, "ending": s.ending,
+                  "streams": [{"worker": s.worker or held[i], "events": s.events, "after_kill": s.after_kill, "ending": s.ending,
                                "before_kill": s.before_kill}
                               for i, s in enumerate(streams)]}))
