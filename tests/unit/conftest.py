@@ -128,7 +128,10 @@ def client(make_app):
 
 # -- the real server (gunicorn + gevent), as deployed -----------------------------
 class ProxyServer:
-    def __init__(self, env: dict[str, str], log_dir: Path, gunicorn_args: tuple[str, ...] = ()):
+    """gunicorn with the proxy's config, serving the proxy (or `app`, a WSGI app found in `app_dir`)."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path, gunicorn_args: tuple[str, ...] = (),
+                 app: str = "dce_proxy:create_app()", app_dir: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stderr_path = log_dir / f"proxy-{self.port}.stderr"
@@ -140,13 +143,13 @@ class ProxyServer:
         full_env["DCE_METRICS_PORT"] = self.metrics_url.rsplit(":", 1)[1].split("/")[0]
         self.metrics_dir = log_dir / f"metrics-{self.port}"
         full_env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
-        full_env["PYTHONPATH"] = str(PROXY_DIR)
+        full_env["PYTHONPATH"] = os.pathsep.join(str(path) for path in (app_dir, PROXY_DIR) if path)
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.setdefault("DCE_STOP_GRACE_SECONDS", "1")  # teardown must not wait for streams
         self._stderr = open(self.stderr_path, "wb")
         self._stdout = open(self.stdout_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *gunicorn_args, "dce_proxy:create_app()"],
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *gunicorn_args, app],
             cwd=PROXY_DIR, env=full_env, stdout=self._stdout, stderr=self._stderr)
         self._wait_ready()
 

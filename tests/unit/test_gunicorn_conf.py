@@ -3,15 +3,14 @@ gunicorn's gevent worker builds (the server behaviour itself: test_server.py).""
 
 import inspect
 import os
-import signal
 import socket
 import subprocess
 import sys
 
 from gunicorn.workers import ggevent
 
-from conftest import PROXY_DIR
-from wire import free_port, wait_until
+from conftest import PROXY_DIR, ProxyServer
+from wire import wait_until
 
 # Runs the config as gunicorn does, then as a worker after its fork, and builds the server
 # GeventWorker.run builds: printed are its accepts per turn with one worker, and once gunicorn
@@ -47,7 +46,8 @@ def test_gunicorn_still_builds_its_servers_by_that_name_and_lowers_them_so():
     assert "server.max_accept = 1" in run
 
 
-# A WSGI app whose one request never gives the others a turn, with what post_worker_init asks of ours.
+# A WSGI app whose requests, but its health check, never give the others a turn, with what
+# post_worker_init asks of the proxy's.
 _STUCK_APP = """
 class _Upstream:
     def learn_models(self):
@@ -58,6 +58,9 @@ class StuckApp:
     extensions = {"dce_upstream": _Upstream()}
 
     def __call__(self, environ, start_response):
+        if environ["PATH_INFO"] == "/healthz":
+            start_response("200 OK", [])
+            return [b"ok"]
         return spin_without_a_turn()
 
 
@@ -72,26 +75,14 @@ app = StuckApp()
 
 def test_a_worker_stopped_for_a_missed_heartbeat_logs_where_it_was(tmp_path):
     (tmp_path / "stuck_app.py").write_text(_STUCK_APP)
-    port = free_port()
-    env = {name: value for name, value in os.environ.items() if not name.startswith(("GEVENT_", "DCE_"))}
-    env.update(PYTHONPATH=f"{tmp_path}{os.pathsep}{PROXY_DIR}", PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
-               DCE_METRICS_PORT=str(free_port()))
-    log = tmp_path / "gunicorn.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(PROXY_DIR / "gunicorn.conf.py"), "--timeout", "2",
-             "--bind", f"127.0.0.1:{port}", "stuck_app:app"],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = ProxyServer({}, tmp_path, ("--timeout", "2"), app="stuck_app:app", app_dir=tmp_path)
     try:
-        wait_until(lambda: "Booting worker" in log.read_text(), 60, "gunicorn's worker", interval=0.1,
-                   state=log.read_text)
-        with socket.create_connection(("127.0.0.1", port)) as client:
+        with socket.create_connection(("127.0.0.1", server.port)) as client:
             client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            wait_until(lambda: "missed its heartbeat" in log.read_text(), 60, "the worker's abort", interval=0.1,
-                       state=log.read_text)
+            wait_until(lambda: "missed its heartbeat" in server.logs(), 60, "the worker's abort", interval=0.1,
+                       state=server.logs)
     finally:
-        os.killpg(server.pid, signal.SIGKILL)  # the master and a worker that may still spin
-        server.wait()
-    aborted = log.read_text().split("missed its heartbeat", 1)[1]
+        server.stop()
+    aborted = server.logs().split("missed its heartbeat", 1)[1]
     assert "in spin_without_a_turn" in aborted  # the code that kept the worker from its heartbeat
     assert "in worker_abort" not in aborted and "in handle_abort" not in aborted  # (the hook's own frames)
