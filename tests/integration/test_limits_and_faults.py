@@ -205,6 +205,33 @@ _STREAMS_PER_WORKER = 2
 _EVENTS_AFTER_KILL = 100
 
 
+def _excuse_streams_ended_before_the_kill(early: list[dict], killed: dict, proxy_log: bytes) -> None:
+    """Two ways to lose a stream before the kill are not what the test tests, and are shown as a warning
+    instead: gunicorn stopping its worker for a missed heartbeat, which cuts it (these machines have
+    stalled whole stacks for a minute, issue 10); and a stream that ran its whole budget, because
+    placing the others took that long. Any other early end fails, with what the proxy logged of it."""
+    log = proxy_log.decode(errors="replace")
+    stopped = [stream for stream in early
+               if stream["ending"] == "cut" and f"WORKER TIMEOUT (pid:{stream['worker']})" in log]
+    finished = [stream for stream in early if stream["ending"] == "done" and stream["finish_reason"] == "length"]
+    unexplained = [stream for stream in early if stream not in stopped + finished]
+    assert not unexplained, (
+        f"streams ended before the kill (at {killed['killed_at']} s), neither cut with a worker gunicorn "
+        f"stopped nor at the end of their budget: {unexplained}\nall of them: {killed}\n"
+        "the proxy's access lines meanwhile:\n" + "\n".join(_access_lines(log)))
+    if stopped:
+        warnings.warn("gunicorn stopped a proxy worker that missed its heartbeat before the kill; its streams "
+                      "are left out" + "".join(f"\n{where}" for where in where_workers_stuck(log)))
+    if finished:
+        warnings.warn(f"{len(finished)} stream(s) ran their whole budget before the kill (at {killed['killed_at']} s) "
+                      f"and are left out: {killed['streams']}")
+
+
+def _access_lines(proxy_log: str) -> list[str]:
+    # The access log's lines hold no key, prompt or answer: ids, statuses, outcomes, times, token counts.
+    return [line for line in proxy_log.splitlines() if '"logger": "dce_proxy.access"' in line]
+
+
 @pytest.mark.disruptive
 def test_killed_proxy_worker_spares_the_other_workers_streams_and_its_slots_come_back(stack):
     body = extension_body("Keep going.", max_tokens=LONG_STREAM_TOKENS, ignore_eos=True)
@@ -219,25 +246,18 @@ def test_killed_proxy_worker_spares_the_other_workers_streams_and_its_slots_come
     assert len(held) == 2, held  # the test stack runs two workers
     victim = killed["victim"]
     at_kill = [stream for stream in killed["streams"] if not stream["before_kill"]]
-    if len(at_kill) < len(killed["streams"]):
-        # A stream cut before the kill lost its worker otherwise. Only gunicorn stopping that worker
-        # for a missed heartbeat is excused (these machines have stalled whole stacks for a minute,
-        # issue 10): it is not what this test tests, and is shown with where the worker was.
-        log = stack.container("proxy").logs(since=started).decode(errors="replace")
-        early = [stream for stream in killed["streams"] if stream["before_kill"]]
-        assert all(stream["ending"] == "cut" and f"WORKER TIMEOUT (pid:{stream['worker']})" in log
-                   for stream in early), ("streams ended before the kill, not by a missed heartbeat", killed)
-        warnings.warn("gunicorn stopped a proxy worker that missed its heartbeat before the kill; its streams "
-                      "are left out" + "".join(f"\n{where}" for where in where_workers_stuck(log)))
+    early = [stream for stream in killed["streams"] if stream["before_kill"]]
+    if early:
+        _excuse_streams_ended_before_the_kill(early, killed, stack.container("proxy").logs(since=started))
     # The precondition, checked rather than hoped for: both workers held streams when one was killed.
     per_worker = Counter(stream["worker"] for stream in at_kill)
-    assert None not in per_worker and len(per_worker) == 2, killed
+    assert None not in per_worker and len(per_worker) == 2, f"{killed}"  # a string: pytest cuts a dict short
     assert all(count >= _STREAMS_PER_WORKER for count in per_worker.values()), \
         f"{CAP} streams did not reach both workers: {killed}"
     endings = Counter((stream["worker"] == victim, stream["ending"]) for stream in at_kill)
     # The killed worker's streams broke off; every other stream went on.
     on_victim = per_worker[victim]
-    assert endings == {(True, "cut"): on_victim, (False, "continued"): len(at_kill) - on_victim}, (endings, killed)
+    assert endings == {(True, "cut"): on_victim, (False, "continued"): len(at_kill) - on_victim}, f"{endings} {killed}"
 
     # A new worker takes over. The dead worker could not free its slots (they outlived it in Redis);
     # their leases lapse without anyone's help, and the key has its whole cap again.

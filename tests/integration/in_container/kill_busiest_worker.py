@@ -5,14 +5,18 @@ argv: PATH BODY MOST EACH AFTER SLOTS_KEY. Opens streams to 127.0.0.1:8000 PATH 
 only once the one before streams, until every worker holds at least EACH of them (or MOST are open);
 a stream that reached a worker already holding EACH, while another holds fewer, is closed and opened again.
 Which worker holds a stream is read from the kernel: the worker whose file table has the server side
-of that connection. The streams cannot end by themselves (the test asks for more tokens than the
-engine can produce meanwhile). Then it kills the worker holding the most, counts the live slot
+of that connection. Only open streams count: the test asks for more tokens than the engine makes in a
+normal placing, but one that ran its budget while the others took that long to place is left behind
+(it ends "done", finish_reason "length"). Then it kills the worker holding the most, counts the live slot
 leases of SLOTS_KEY in Redis, and reads every stream on: a stream of the killed worker is read
 until its connection ends (what the kernel had buffered may still come); any other must bring AFTER
 more events, then it is closed.
 
-Prints one JSON object: {"workers": {pid: [stream ids]}, "victim", "leases_after_kill", "dropped", "streams":
-[{"worker", "events", "after_kill", "ending", "before_kill"}]} with ending "continued" | "cut" | "done" | "error".
+Prints one JSON object: {"workers": {pid: [stream ids]}, "victim", "killed_at", "leases_after_kill",
+"dropped", "streams": [{"worker", "status", "events", "after_kill", "ending", "finish_reason",
+"before_kill", "opened", "first_event", "ended"}]}: ending "continued" | "cut" | "done" | "error" (an
+error event, whatever follows it), finish_reason that of the stream's last chunk, if it had one, and
+times in seconds since this script started.
 """
 
 import http.client
@@ -23,12 +27,18 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 import redis
 
 PATH, BODY, MOST, EACH, AFTER, SLOTS_KEY = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6]
 LIVE_LEASES = "return redis.call('ZCOUNT', KEYS[1], redis.call('TIME')[1], '+inf')"
 killed = threading.Event()
+START = time.monotonic()
+
+
+def now() -> float:
+    return round(time.monotonic() - START, 2)
 
 
 class Stream(threading.Thread):
@@ -40,6 +50,8 @@ class Stream(threading.Thread):
         self.on_victim = False  # set before the kill: such a stream is read to its end
         self.before_kill = False  # it ended before the kill (its worker was lost some other way)
         self.worker = None  # the worker that held it when it was kept (read again at the end if unseen)
+        self.status = self.finish_reason = None  # a stream that ran its whole budget ends "done" with "length"
+        self.opened, self.first_event, self.ended = now(), None, None
         self.connection = http.client.HTTPConnection("127.0.0.1", 8000, timeout=600)
         self.connection.request("POST", PATH, BODY, {"Content-Type": "application/json"})
         self.socket = self.connection.sock  # kept: the test may shut it down from another thread
@@ -48,13 +60,14 @@ class Stream(threading.Thread):
     def run(self):
         try:
             response = self.connection.getresponse()
+            self.status = response.status
             for line in response:
                 if line.startswith(b"data: [DONE]"):
-                    self.ending = "done"
+                    self.ending = self.ending or "done"
                 elif line.startswith(b"data: "):
                     self.events += 1
-                    # The event's own error object, not a token that reads "error".
-                    self.ending = "error" if "error" in json.loads(line[6:]) else self.ending
+                    self.first_event = self.first_event or now()
+                    self._read(json.loads(line[6:]))
                     self.streaming.set()
                     if killed.is_set():
                         self.after_kill += 1
@@ -68,8 +81,17 @@ class Stream(threading.Thread):
             self.ending = self.ending or "cut"
         finally:
             self.before_kill = not killed.is_set()
+            self.ended = now()
             self.streaming.set()
             self.connection.close()
+
+    def _read(self, event: dict):
+        # The event's own error object (not a token that reads "error"), or the extension route's
+        # form of one: a last chunk that ends with "error".
+        reason = (event.get("choices") or [{}])[0].get("finish_reason")
+        self.finish_reason = reason if reason is not None else self.finish_reason
+        if "error" in event or self.finish_reason == "error":
+            self.ending = "error"
 
 
 def workers() -> list[int]:
@@ -138,12 +160,16 @@ victim = max(by_worker, key=lambda pid: len(by_worker[pid]))
 for i in by_worker[victim]:
     streams[i].on_victim = True
 killed.set()
+killed_at = now()
 os.kill(victim, signal.SIGKILL)
 with open("/run/secrets/limits_password") as secret:  # the proxy's own, as compose.scale.yaml gives it
     leases = redis.Redis(host="limits", password=secret.read().strip(), driver_info=None).eval(LIVE_LEASES, 1, SLOTS_KEY)
 for stream in streams:
     stream.join(600)
-print(json.dumps({"workers": by_worker, "victim": victim, "leases_after_kill": leases, "dropped": dropped,
-                  "streams": [{"worker": s.worker or held[i], "events": s.events, "after_kill": s.after_kill, "ending": s.ending,
-                               "before_kill": s.before_kill}
+print(json.dumps({"workers": by_worker, "victim": victim, "killed_at": killed_at, "leases_after_kill": leases,
+                  "dropped": dropped,
+                  "streams": [{"worker": s.worker or held[i], "status": s.status, "events": s.events,
+                               "after_kill": s.after_kill, "ending": s.ending, "finish_reason": s.finish_reason,
+                               "before_kill": s.before_kill, "opened": s.opened, "first_event": s.first_event,
+                               "ended": s.ended}
                               for i, s in enumerate(streams)]}))
