@@ -15,7 +15,7 @@ NAMES = {
     "bytes_compared": "bytes compared",
     "keys_in_logs": "keys found in logs (every key form the proxy accepts)",
     "auth_failures_refused": "unauthenticated requests refused by the limiter",
-    # A step that retries (e.g. an abort whose samples could not tell) adds its attempts beyond the first.
+    # A step that retries (e.g. a stream opened again to reach another worker) adds its attempts beyond the first.
     "retries": "retries needed",
 }
 
