@@ -150,15 +150,15 @@ def test_vllm_killed_mid_stream_ends_streams_then_recovers_without_proxy_restart
         timeline["kill sent"] = time.monotonic()
         stack.container("vllm").kill()
         killed_at = timeline["kill done"] = time.monotonic()
-        _, still_open = wait(futures, timeout=60)
-        ended_within = time.monotonic() - killed_at
-        assert not still_open, (f"streams still open 60 s after the kill: {told()}; "
-                                f"the proxy's connections to vLLM: {_connections_to_vllm(stack)}")
-        results = [future.result() for future in futures]
-
         # At once when the killed vLLM's connections close; when their FIN is lost (seen in CI: the
-        # container's network went first), TCP keep-alive probes end them within about 20 s.
-        assert ended_within < 30, told()
+        # container's network went first), TCP keep-alive probes end them within about 20 s. Without
+        # the probes they would wait out DCE_FIRST_BYTE_TIMEOUT (300 s): the wait's bound is half that,
+        # so a machine that stalls for a minute does not fail the test and a missing probe still does.
+        _, still_open = wait(futures, timeout=150)
+        assert not still_open, (f"streams still open 150 s after the kill: {told()}; "
+                                f"the proxy's connections to vLLM: {_connections_to_vllm(stack)}")
+        print(f"the streams ended within {time.monotonic() - killed_at:.1f} s of the kill")
+        results = [future.result() for future in futures]
         for result in results:
             assert result.status == 200 and result.saw_done, told()
             # The extension shows the reason in the tab, then closes it.
