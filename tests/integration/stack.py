@@ -33,12 +33,13 @@ COMPOSE_FILES = ["compose.yaml", "compose.cpu.yaml", "compose.scale.yaml", "comp
                  "compose.test.yaml", "tests/integration/compose.monitoring.test.yaml"]
 CADDY_ROOT_CA = "/data/caddy/pki/authorities/local/root.crt"
 DIRECT_REFERENCE = (Path(__file__).parent / "direct_reference.py").read_text()
-# The test stack's context (the tiny model has positions for it): a stream with ignore_eos and this
-# budget runs for minutes beside others on this CPU, so a test that needs streams running when it
-# acts can have them, and ends them itself. Alone it runs for about a minute (measured: 480 tokens/s).
+# The test stack's context (the tiny model has positions for it).
 MAX_MODEL_LEN = 32768
 # The one web page origin the test stack lets call it from a browser (DCE_CORS_ORIGINS).
 CORS_ORIGIN = "https://chat.example.com"
+# A stream with ignore_eos and this budget runs for minutes beside others on this CPU, so a test that
+# needs streams running when it acts can have them, and ends them itself. Alone it runs for about a
+# minute (measured: 480 tokens/s): a test checks its streams still run before it acts.
 LONG_STREAM_TOKENS = 30000
 # Token ids of the tiny model (vllm/make_tiny_model.py): 2048 trained, then <think> and </think>.
 TINY_VOCAB = 2050

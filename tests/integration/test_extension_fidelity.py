@@ -85,8 +85,8 @@ def test_a_tab_over_the_cap_waits_for_a_slot_then_completes(stack):
 
 @pytest.mark.disruptive
 def test_a_silent_engine_for_longer_than_the_extensions_timeout_loses_no_tab(stack):
-    # Streams that cannot end before the test ends them: every tab is still generating, or still
-    # waiting for its first token, when vLLM freezes, whatever this machine's speed.
+    # Streams asked for more tokens than they get before the test ends them: every tab is still
+    # generating, or still waiting for its first token, when vLLM freezes.
     vllm = stack.container("vllm")
     with VllmMetrics(stack, [RUNNING, WAITING]) as metrics:
         # The engine runs nothing else: the tabs' first tokens wait for nobody.

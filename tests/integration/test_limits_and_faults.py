@@ -7,7 +7,6 @@ import re
 import ssl
 import threading
 import time
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -15,8 +14,6 @@ from pathlib import Path
 import figures
 import pytest
 
-from dce_proxy.slots import LEASE_SECONDS
-from machine import where_workers_stuck
 from stack import LONG_STREAM_TOKENS
 from wire import extension_body, open_held_tab, post_like_extension, wait_until
 
@@ -27,7 +24,7 @@ BATCH = 10  # the extension fires one request per tab
 def test_three_times_the_concurrency_cap_admits_exactly_the_cap(stack):
     # /v1 answers 429 over the cap (SDKs retry); the extension's route queues instead.
     url = f"{stack.base}/k/{stack.other_key}/v1/chat/completions"
-    # Admitted streams cannot end by themselves during the race: the test closes them.
+    # Admitted streams are asked for more tokens than they get during the race: the test closes them.
     body = extension_body("Go on.", max_tokens=LONG_STREAM_TOKENS, ignore_eos=True)
     total = 3 * CAP
     gate = threading.Barrier(total, timeout=60)
@@ -117,7 +114,7 @@ def _bring_back_vllm(stack) -> None:
 def test_vllm_killed_mid_stream_ends_streams_then_recovers_without_proxy_restart(stack, session):
     proxy_started = _started_at(stack, "proxy")
     url = f"{stack.base}/k/{stack.key}/api/dce/proxy"
-    # Streams that cannot end before the kill: only the kill ends them.
+    # Streams asked for more tokens than they get before the kill (checked): only the kill ends them.
     body = extension_body("Keep going.", max_tokens=LONG_STREAM_TOKENS, ignore_eos=True)
     streaming = [threading.Event() for _ in range(BATCH)]  # the extension's batch of tabs
     given_up = threading.Event()  # the test stopped waiting: each stream closes on its next bytes
@@ -197,77 +194,6 @@ def test_a_requests_rate_count_and_its_slot_go_to_redis_together_and_hold_as_bef
     # The proxy's Redis clients, as the workers build them, send Redis (Debian's 7.0) nothing it
     # answers with an error (the count is the server's: nothing else talks to it meanwhile).
     assert result["redis_errors"] == 0
-
-
-_KILL_BUSIEST_WORKER = (Path(__file__).parent / "in_container" / "kill_busiest_worker.py").read_text()
-# Streams each worker must hold before one is killed, and events a spared stream must bring after.
-_STREAMS_PER_WORKER = 2
-_EVENTS_AFTER_KILL = 100
-
-
-def _excuse_streams_ended_before_the_kill(early: list[dict], killed: dict, proxy_log: bytes) -> None:
-    """Two ways to lose a stream before the kill are not what the test tests, and are shown as a warning
-    instead: gunicorn stopping its worker for a missed heartbeat, which cuts it (these machines have
-    stalled whole stacks for a minute, issue 10); and a stream that ran its whole budget, because
-    placing the others took that long. Any other early end fails, with what the proxy logged of it."""
-    log = proxy_log.decode(errors="replace")
-    stopped = [stream for stream in early
-               if stream["ending"] == "cut" and f"WORKER TIMEOUT (pid:{stream['worker']})" in log]
-    finished = [stream for stream in early if stream["ending"] == "done" and stream["finish_reason"] == "length"]
-    unexplained = [stream for stream in early if stream not in stopped + finished]
-    assert not unexplained, (
-        f"streams ended before the kill (at {killed['killed_at']} s), neither cut with a worker gunicorn "
-        f"stopped nor at the end of their budget: {unexplained}\nall of them: {killed}\n"
-        "the proxy's access lines meanwhile:\n" + "\n".join(_access_lines(log)))
-    if stopped:
-        warnings.warn("gunicorn stopped a proxy worker that missed its heartbeat before the kill; its streams "
-                      "are left out" + "".join(f"\n{where}" for where in where_workers_stuck(log)))
-    if finished:
-        warnings.warn(f"{len(finished)} stream(s) ran their whole budget before the kill (at {killed['killed_at']} s) "
-                      f"and are left out: {killed['streams']}")
-
-
-def _access_lines(proxy_log: str) -> list[str]:
-    # The access log's lines hold no key, prompt or answer: ids, statuses, outcomes, times, token counts.
-    return [line for line in proxy_log.splitlines() if '"logger": "dce_proxy.access"' in line]
-
-
-@pytest.mark.disruptive
-def test_killed_proxy_worker_spares_the_other_workers_streams_and_its_slots_come_back(stack):
-    body = extension_body("Keep going.", max_tokens=LONG_STREAM_TOKENS, ignore_eos=True)
-    started = time.time()
-    code, out = stack.exec_python(
-        "proxy", _KILL_BUSIEST_WORKER, f"/k/{stack.load_keys[0]}/api/dce/proxy", json.dumps(body), str(CAP),
-        str(_STREAMS_PER_WORKER), str(_EVENTS_AFTER_KILL), "dce-slots/load0")
-    assert code == 0, out
-    killed = json.loads(out)
-    figures.add("retries", killed["dropped"])  # streams opened again to reach the other worker
-    held = {int(pid): streams for pid, streams in killed["workers"].items()}
-    assert len(held) == 2, held  # the test stack runs two workers
-    victim = killed["victim"]
-    at_kill = [stream for stream in killed["streams"] if not stream["before_kill"]]
-    early = [stream for stream in killed["streams"] if stream["before_kill"]]
-    if early:
-        _excuse_streams_ended_before_the_kill(early, killed, stack.container("proxy").logs(since=started))
-    # The precondition, checked rather than hoped for: both workers held streams when one was killed.
-    per_worker = Counter(stream["worker"] for stream in at_kill)
-    assert None not in per_worker and len(per_worker) == 2, f"{killed}"  # a string: pytest cuts a dict short
-    assert all(count >= _STREAMS_PER_WORKER for count in per_worker.values()), \
-        f"{CAP} streams did not reach both workers: {killed}"
-    endings = Counter((stream["worker"] == victim, stream["ending"]) for stream in at_kill)
-    # The killed worker's streams broke off; every other stream went on.
-    on_victim = per_worker[victim]
-    assert endings == {(True, "cut"): on_victim, (False, "continued"): len(at_kill) - on_victim}, f"{endings} {killed}"
-
-    # A new worker takes over. The dead worker could not free its slots (they outlived it in Redis);
-    # their leases lapse without anyone's help, and the key has its whole cap again.
-    wait_until(stack.ready, 60, "a new proxy worker", interval=1)
-    assert killed["leases_after_kill"] >= on_victim, killed["leases_after_kill"]
-    wait_until(lambda: stack.live_slot_leases("load0") == 0, LEASE_SECONDS + 15, "the dead worker's slot leases to lapse",
-               interval=1)
-    figures.add("faults_survived", 1)
-    print(f"worker {victim} killed; streams per worker { {pid: len(ids) for pid, ids in held.items()} }; "
-          f"{killed['leases_after_kill']} slot leases live right after the kill, all lapsed since")
 
 
 @pytest.mark.disruptive

@@ -136,9 +136,15 @@ def test_a_stopped_tab_frees_its_generation_on_the_replica_that_runs_it(replicas
         futures = [pool.submit(run, index) for index in range(3)]
         try:
             metrics.wait_for(lambda sample: sample.values[RUNNING] == 3, 120, f"3 generations running on {home}")
+            ended = [future.result() for future in futures if future.done()]
+            assert not ended, f"tabs ended before the stop: {ended}"
             stop[0].set()
-            futures[0].result()  # its connection is closed
-            wait_for_stop(metrics, closed_at[0])
+            stopped = futures[0].result()  # its connection is closed
+            assert 0 in closed_at, f"tab 0 ended before its stop: {stopped}"
+            wait_for_stop(metrics, closed_at[0], home)
+            # The stop was that tab's alone: the other two still stream.
+            ended = [future.result() for future in futures[1:] if future.done()]
+            assert not ended, f"other tabs ended with the stopped one: {ended}"
         finally:
             for event in stop:
                 event.set()

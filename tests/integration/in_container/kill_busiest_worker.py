@@ -15,8 +15,8 @@ more events, then it is closed.
 Prints one JSON object: {"workers": {pid: [stream ids]}, "victim", "killed_at", "leases_after_kill",
 "dropped", "streams": [{"worker", "status", "events", "after_kill", "ending", "finish_reason",
 "before_kill", "opened", "first_event", "ended"}]}: ending "continued" | "cut" | "done" | "error" (an
-error event, whatever follows it), finish_reason that of the stream's last chunk, if it had one, and
-times in seconds since this script started.
+error event, whatever follows it), finish_reason the last one the stream's chunks gave (null if none
+did), and times in seconds since this script started.
 """
 
 import http.client
@@ -50,7 +50,8 @@ class Stream(threading.Thread):
         self.on_victim = False  # set before the kill: such a stream is read to its end
         self.before_kill = False  # it ended before the kill (its worker was lost some other way)
         self.worker = None  # the worker that held it when it was kept (read again at the end if unseen)
-        self.status = self.finish_reason = None  # a stream that ran its whole budget ends "done" with "length"
+        self.status = None  # the answer's HTTP status (an error answer has no events: it ends "cut")
+        self.finish_reason = None  # a stream that ran its whole budget ends "done" with "length"
         self.opened, self.first_event, self.ended = now(), None, None
         self.connection = http.client.HTTPConnection("127.0.0.1", 8000, timeout=600)
         self.connection.request("POST", PATH, BODY, {"Content-Type": "application/json"})
