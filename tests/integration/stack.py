@@ -41,6 +41,8 @@ CORS_ORIGIN = "https://chat.example.com"
 # needs streams running when it acts can have them, and ends them itself. Alone it runs for about a
 # minute (measured: 480 tokens/s): a test checks its streams still run before it acts.
 LONG_STREAM_TOKENS = 30000
+# DCE_MAX_CONCURRENT in the test stack: streams one key may run at once (the default).
+CAP = 20
 # Token ids of the tiny model (vllm/make_tiny_model.py): 2048 trained, then <think> and </think>.
 TINY_VOCAB = 2050
 THINK_END_ID = 2049
@@ -206,7 +208,7 @@ def _write_env(tmp: Path, project: str, key: str, other_key: str, load_keys: lis
         f"HF_TOKEN_SECRET={token}",
         f"VLLM_API_KEY_SECRET={vllm_key}",
         f"LIMITS_PASSWORD_SECRET={limits_password}",
-        "DCE_MAX_CONCURRENT=20",
+        f"DCE_MAX_CONCURRENT={CAP}",
         # A stop waits this long for running streams (the suite's own stop included).
         "DCE_STOP_GRACE_SECONDS=120",
         # The rate limits are tested in the unit suite; here they must not get in the way.

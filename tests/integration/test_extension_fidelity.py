@@ -8,13 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from stack import LONG_STREAM_TOKENS, THINK_END_ID
+from stack import CAP, LONG_STREAM_TOKENS, THINK_END_ID
 from vllm_metrics import RUNNING, WAITING, VllmMetrics, idle
 from tabs import Tabs
 from wire import SILENCE_LIMIT, extension_body, post_like_extension, wait_until
 
 BATCH = 10  # the extension fires one request per tab
-CAP = 20  # DCE_MAX_CONCURRENT in the test stack (the default)
 
 
 def _tab_bodies(max_tokens: int, **extra) -> list[dict]:

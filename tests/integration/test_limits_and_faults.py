@@ -14,10 +14,9 @@ from pathlib import Path
 import figures
 import pytest
 
-from stack import LONG_STREAM_TOKENS
+from stack import CAP, LONG_STREAM_TOKENS
 from wire import extension_body, open_held_tab, post_like_extension, wait_until
 
-CAP = 20  # DCE_MAX_CONCURRENT in the test stack (the default)
 BATCH = 10  # the extension fires one request per tab
 
 

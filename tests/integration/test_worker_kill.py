@@ -14,10 +14,9 @@ import pytest
 
 from dce_proxy.slots import LEASE_SECONDS
 from machine import where_workers_stuck
-from stack import LONG_STREAM_TOKENS
+from stack import CAP, LONG_STREAM_TOKENS
 from wire import extension_body, wait_until
 
-CAP = 20  # DCE_MAX_CONCURRENT in the test stack (the default)
 _KILL_BUSIEST_WORKER = (Path(__file__).parent / "in_container" / "kill_busiest_worker.py").read_text()
 # Streams each worker must hold before one is killed, and events a spared stream must bring after.
 _STREAMS_PER_WORKER = 2
